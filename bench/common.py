@@ -1,0 +1,66 @@
+"""The one results envelope every benchmark writes (shared/BENCH.md), plus small timing helpers."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from artifacts import write_json_atomic  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+
+
+def write_results(name: str, protocol: dict[str, Any], records: list[dict[str, Any]], **extra: Any) -> Path:
+    """Write bench/results/<name>.json atomically in the shared envelope and return its path."""
+    doc = {
+        "benchmark": name,
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "environment": environment(),
+        "protocol": protocol,
+        "records": records,
+        **extra,
+    }
+    path = RESULTS / f"{name}.json"
+    write_json_atomic(path, doc)
+    print(f"wrote {path}")
+    return path
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -1,0 +1,157 @@
+"""One front door for models: ``load_model(spec) -> (model, tokenizer)``.
+
+``spec`` is an embedded name (``qwen2.5-coder-0.5b``, ``smollm2-135m``), a local HF directory, a pipeline
+artifact directory (its ``lord_artifact.json`` names the loader), a ``.gguf`` file, or a hub id passed to
+transformers untouched. GGUF models are dequantized once into a cached safetensors directory (GGUF load
+15-40 s; the cached copy ~1-2 s), written atomically so a killed conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from artifacts import ArtifactError, atomic_dir, verify_manifest
+
+from .embedded import EMBEDDED, assemble_gguf
+from .errors import SourceError
+
+ARTIFACT_FILE = "lord_artifact.json"
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$LORD_CACHE_DIR`` or the user cache dir."""
+    env = os.environ.get("LORD_CACHE_DIR")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lord-pipeline"
+    return base / "models"
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise SourceError(f"device '{device}' is not a torch device; use cpu, cuda, cuda:N or auto") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SourceError(f"device '{device}' asked for but no CUDA device is visible; use --device cpu")
+    return dev
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # fp16 on CPU computes in fp16 and is ~50x slower (STACK.md): float32 on CPU, bf16 on GPU.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_model_dir(spec: str | os.PathLike, cache_dir: Path | None = None) -> Path | str:
+    """Map a spec to something ``from_pretrained`` takes: a local dir (embedded/GGUF converted and cached)
+    or a hub id string, unchanged."""
+    s = str(spec)
+    if s in EMBEDDED:
+        return _cached_conversion(s, cache_dir)
+    path = Path(s).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise SourceError(f"'{s}' is a file but not a .gguf; pass a HF model directory, a .gguf file, "
+                                  f"an embedded name ({', '.join(EMBEDDED)}) or a hub id")
+            return _cached_conversion(path, cache_dir)
+        if not (path / "config.json").is_file():
+            raise SourceError(f"directory '{s}' has no config.json: not a Hugging Face model directory")
+        return path
+    if s.startswith((".", "/", "~")) or s.endswith(".gguf") or s.count("/") > 1:
+        raise SourceError(f"model path '{s}' does not exist")
+    if "/" not in s:
+        raise SourceError(f"unknown model '{s}': embedded models are {', '.join(EMBEDDED)}; otherwise pass a "
+                          f"local directory, a .gguf file or a hub id like bigcode/starcoder")
+    return s  # a hub id: transformers decides (offline here, it fails with a clear message below)
+
+
+def load_model(spec: str | os.PathLike, device: str | None = "cpu", dtype: torch.dtype | None = None,
+               cache_dir: Path | None = None, **kwargs: Any) -> tuple[torch.nn.Module, Any]:
+    """Load ``(model, tokenizer)`` in eval mode; float32 on CPU, bf16 on CUDA unless ``dtype`` says."""
+    dev = pick_device(device)
+    dtype = dtype or default_dtype(dev)
+    where = resolve_model_dir(spec, cache_dir)
+    if isinstance(where, Path) and (where / ARTIFACT_FILE).is_file():
+        meta = json.loads((where / ARTIFACT_FILE).read_text())
+        loader = meta.get("loader")
+        if loader and loader != "sources.models:load_hf_dir":
+            mod, _, fn = loader.partition(":")
+            return getattr(importlib.import_module(mod), fn)(where, device=str(dev), dtype=dtype, **kwargs)
+    return load_hf_dir(where, device=str(dev), dtype=dtype, **kwargs)
+
+
+def load_hf_dir(where: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                **kwargs: Any) -> tuple[torch.nn.Module, Any]:
+    """Plain transformers loading of a local dir or hub id; a manifest, if present, is checked first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(where, Path) and (where / "MANIFEST.json").is_file():
+        try:
+            verify_manifest(where, full=False)
+        except ArtifactError as e:
+            raise SourceError(str(e)) from e
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    except OSError as e:
+        if isinstance(where, str):
+            raise SourceError(f"could not load hub model '{where}': {e}. This machine may be offline; download "
+                              f"it elsewhere and pass its local directory, or use an embedded model "
+                              f"({', '.join(EMBEDDED)})") from e
+        raise SourceError(f"could not load model directory '{where}': {e}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.to(device).eval(), tok
+
+
+def _cached_conversion(src: str | Path, cache_dir: Path | None) -> Path:
+    root = Path(cache_dir) if cache_dir else cache_root()
+    if isinstance(src, str):
+        emb = EMBEDDED[src]
+        target = root / f"{emb.name}-{emb.sha256[:12]}"
+    else:
+        st = src.stat()
+        target = root / f"{src.stem}-{st.st_size}-{int(st.st_mtime)}"
+    if (target / "MANIFEST.json").is_file():
+        try:
+            verify_manifest(target, full=False)
+            return target
+        except ArtifactError:
+            shutil.rmtree(target, ignore_errors=True)  # damaged cache entry: rebuild it
+    with atomic_dir(target) as tmp:
+        if isinstance(src, str):
+            gguf = assemble_gguf(EMBEDDED[src], tmp / "_gguf")
+            convert_gguf(gguf, tmp, tie_word_embeddings=EMBEDDED[src].tie_word_embeddings)
+        else:
+            convert_gguf(src, tmp)
+        shutil.rmtree(tmp / "_gguf", ignore_errors=True)
+        (tmp / "source.json").write_text(json.dumps({"source": str(src)}, indent=2))
+    return target
+
+
+def convert_gguf(gguf: Path, out: Path, tie_word_embeddings: bool | None = None) -> None:
+    """Dequantize a GGUF to a float32 safetensors HF directory (tokenizer included)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise SourceError(f"cannot convert GGUF '{gguf}': {e}. Supported GGUF architectures are those "
+                          f"transformers can dequantize (llama, qwen2, mistral, gemma, ...).") from e
+    # transformers leaves a GGUF quantizer marker that blocks save_pretrained and training (DATA.md).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if tie_word_embeddings is not None:
+        model.config.tie_word_embeddings = tie_word_embeddings
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
