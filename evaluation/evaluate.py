@@ -1,0 +1,92 @@
+"""The evaluation stage: held-out perplexity (+ HumanEval pass@k when asked) of any model spec, written to
+an artifact dir. This is what the pipeline runs after every stage that produced a model."""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from artifacts import atomic_dir, write_json_atomic
+from sources import code_split, load_model, resolve_model_dir
+
+from .errors import EvalError
+from .perplexity import PerplexityConfig, perplexity
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    seq_len: int = 512
+    n_windows: int = 16
+    stride: int | None = None
+    batch_size: int = 4
+    heldout_root: str | None = None  # None: the CPython stdlib split (sources.corpus.code_split)
+    humaneval_problems: int = 0  # 0: skip HumanEval; N: the first N of the 164 problems
+    humaneval_n: int = 1  # samples per problem (1 with temperature 0 = greedy pass@1)
+    humaneval_temperature: float = 0.0
+    humaneval_max_new_tokens: int = 384
+    humaneval_batch_size: int = 8
+    allow_execution: bool = False  # generated code runs only when the caller opts in
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.ppl_config()  # validates the perplexity fields
+        if not 0 <= self.humaneval_problems <= 164:
+            raise EvalError(f"humaneval_problems={self.humaneval_problems} must be in [0, 164] (0 skips HumanEval)")
+        if self.humaneval_n < 1:
+            raise EvalError(f"humaneval_n={self.humaneval_n} must be >= 1")
+        if self.humaneval_temperature < 0:
+            raise EvalError(f"humaneval_temperature={self.humaneval_temperature} must be >= 0")
+        if self.humaneval_n > 1 and self.humaneval_temperature == 0:
+            raise EvalError("humaneval_n > 1 needs humaneval_temperature > 0 (greedy samples are identical)")
+        if self.humaneval_problems and not self.allow_execution:
+            raise EvalError("HumanEval runs generated code: set allow_execution=True (--allow-code-execution) "
+                            "to opt in, or humaneval_problems=0 to skip it")
+
+    def ppl_config(self) -> PerplexityConfig:
+        return PerplexityConfig(seq_len=self.seq_len, n_windows=self.n_windows, stride=self.stride,
+                                batch_size=self.batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_to_dir(model: str, cfg: EvalConfig, out_dir: Path) -> dict[str, Any]:
+    """Evaluate ``model`` (any ``sources.load_model`` spec) and write ``metrics.json`` into ``out_dir``."""
+    t0 = time.perf_counter()
+    split = code_split(cfg.heldout_root)
+    net, tok = load_model(model, device=cfg.device)
+    res = perplexity(net, tok, split.heldout, cfg.ppl_config())
+    metrics: dict[str, Any] = {
+        "ppl": res.ppl, "bits_per_byte": res.bits_per_byte, "ppl_n_tokens": res.n_tokens,
+        "ppl_seconds": res.seconds, "params": sum(p.numel() for p in net.parameters()),
+        "size_mb": model_size_mb(model), "heldout_digest": split.digest,
+    }
+    del net
+    gc.collect()
+    with atomic_dir(Path(out_dir)) as tmp:
+        if cfg.humaneval_problems:
+            from .humaneval import HumanEvalConfig, humaneval_to_dir
+
+            he_cfg = HumanEvalConfig(limit=cfg.humaneval_problems, n_samples=cfg.humaneval_n,
+                                     temperature=cfg.humaneval_temperature,
+                                     max_new_tokens=cfg.humaneval_max_new_tokens,
+                                     batch_size=cfg.humaneval_batch_size, allow_execution=cfg.allow_execution,
+                                     device=cfg.device)
+            metrics.update(humaneval_to_dir(model, he_cfg, tmp / "humaneval"))
+        metrics["seconds"] = time.perf_counter() - t0
+        write_json_atomic(tmp / "metrics.json", metrics)
+        write_json_atomic(tmp / "config.json", cfg.to_dict())
+    return metrics
+
+
+def model_size_mb(model: str) -> float | None:
+    """Bytes of weight files on disk (what a user downloads), None for a hub id."""
+    where = resolve_model_dir(model)
+    if not isinstance(where, Path):
+        return None
+    n = sum(p.stat().st_size for p in where.rglob("*") if p.suffix in {".safetensors", ".bin", ".pt"})
+    return round(n / 2**20, 2)
+
