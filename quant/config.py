@@ -1,0 +1,66 @@
+"""QuantConfig: the one frozen config of the quantize stage, validated at the edge (STYLE.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from quant.errors import QuantError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+METHODS = ("gptq", "rtn")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize every linear inside the decoder layers.
+
+    ``group_size`` -1 means one grid per output row (per channel); otherwise it must divide each quantized
+    layer's input dimension (checked per layer, since a LoRD rank sets the ``up`` factor's input dim).
+    ``outlier_threshold`` enables SpQR-style float outliers (Dettmers et al. 2023, sec. 4.1): a weight stays
+    in float when its quantization error scaled by the inverse-Hessian diagonal exceeds ``threshold`` times
+    the layer's mean scaled variance. ``n_seqs`` x ``seq_len`` calibration tokens are drawn with ``seed``.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    act_order: bool = False
+    sym: bool = True
+    damp_percent: float = 0.01
+    outlier_threshold: float | None = None
+    method: str = "gptq"
+    block_size: int = 128
+    n_seqs: int = 32
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise QuantError(f"bits={self.bits!r}; expected one of {SUPPORTED_BITS}. Use 4 or 8 for GPTQ checkpoints.")
+        if self.group_size != -1 and self.group_size < 1:
+            raise QuantError(
+                f"group_size={self.group_size}; expected -1 (per output channel) or a positive divisor of the "
+                "layers' input dimension, e.g. 128."
+            )
+        if not 0.0 < self.damp_percent <= 1.0:
+            raise QuantError(f"damp_percent={self.damp_percent}; expected a fraction in (0, 1], e.g. 0.01.")
+        if self.method not in METHODS:
+            raise QuantError(f"method={self.method!r}; expected one of {METHODS}.")
+        if self.outlier_threshold is not None:
+            if self.outlier_threshold <= 0:
+                raise QuantError(
+                    f"outlier_threshold={self.outlier_threshold}; expected a positive number (e.g. 0.2) or None."
+                )
+            if self.method != "gptq":
+                raise QuantError(
+                    f"outlier_threshold={self.outlier_threshold} with method={self.method!r}: outliers are chosen "
+                    "with the GPTQ inverse Hessian; use method='gptq' or drop the threshold."
+                )
+        for name in ("block_size", "n_seqs", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise QuantError(f"{name}={getattr(self, name)}; expected a positive integer.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,215 @@
+"""Model plumbing for GPTQ: walk the decoder layer by layer, each fed by the already-quantized layers before
+it (GPTQ sec. 3, "sequential"), and swap every ``nn.Linear`` inside a layer for a ``QuantLinear``.
+
+Generic over architectures: the decoder is the ``ModuleList`` with ``config.num_hidden_layers`` entries; a
+layer's inputs and keyword arguments (attention mask, rotary position embeddings, ...) are captured at the
+first layer by a pre-hook, then replayed. LoRD-factored projections (``LowRankLinear`` with ``.down`` and
+``.up`` linears, docs/CONTRACTS.md) need no special case: both factors are ``nn.Linear``s, and the hook on
+``.up`` sees the ``.down`` outputs, so its Hessian is ``A G A^T`` from the same pass (DESIGN.md). A ``down``
+shared by a group appears once in ``named_modules`` and is quantized once, then swapped under every parent.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quant.config import QuantConfig
+from quant.errors import QuantError
+from quant.gptq import GPTQ
+from quant.qlinear import QuantLinear
+from quant.result import QuantizedWeight, check_group_size
+from quant.rtn import rtn_quantize
+
+
+@dataclass
+class QuantReport:
+    """What a quantization run did: per-layer figures and the totals a benchmark reports."""
+
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def n_weights(self) -> int:
+        return sum(v["n_weights"] for v in self.layers.values())
+
+    @property
+    def n_outliers(self) -> int:
+        return sum(v["n_outliers"] for v in self.layers.values())
+
+    @property
+    def storage_bits(self) -> int:
+        return sum(v["storage_bits"] for v in self.layers.values())
+
+    def summary(self) -> dict[str, Any]:
+        n = max(self.n_weights, 1)
+        return {
+            "n_quantized_layers": len(self.layers),
+            "n_quantized_weights": self.n_weights,
+            "n_outliers": self.n_outliers,
+            "outlier_fraction": self.n_outliers / n,
+            "avg_bits_per_weight": self.storage_bits / n,
+            "quantize_seconds": self.seconds,
+        }
+
+
+def storage_bits(qw: QuantizedWeight) -> int:
+    """Bits the checkpoint spends on this layer: levels, fp16 scale + packed zero per group and row, int32
+    g_idx per input column, and 48 bits per outlier (fp16 value + int32 index)."""
+    out_f, in_f = qw.shape
+    n_groups = qw.scales.shape[0]
+    return qw.bits * out_f * in_f + n_groups * out_f * (16 + qw.bits) + 32 * in_f + 48 * qw.n_outliers
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for _, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n and n:
+            return mod
+    raise QuantError(
+        f"could not find the decoder layers of {type(model).__name__} (a ModuleList of "
+        f"config.num_hidden_layers={n} blocks); pass a transformers causal LM."
+    )
+
+
+def target_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` in a decoder layer (shared modules once), in definition order."""
+    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None = None) -> QuantReport:
+    """Quantize all linears of ``model``'s decoder layers in place; return the report.
+
+    Parameters that stay in float are rounded through float16, the checkpoint's storage dtype.
+
+    GPTQ needs ``calib_ids`` [n_seqs, seq_len]; RTN ignores them.
+    """
+    layers = decoder_layers(model)
+    prefix = _module_prefix(model, layers)
+    for i, layer in enumerate(layers):  # fail before any work if a group size does not fit
+        for name, lin in target_linears(layer).items():
+            check_group_size(lin.in_features, cfg.group_size, f"{prefix}.{i}.{name}")
+    report = QuantReport()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if cfg.method == "rtn":
+            for i, layer in enumerate(tqdm(layers, desc="rtn", unit="layer")):
+                _quantize_layer(layer, f"{prefix}.{i}", cfg, None, report)
+        else:
+            if calib_ids is None or calib_ids.numel() == 0:
+                raise QuantError(
+                    "GPTQ needs calibration data: got no calibration ids. Pass a LongTensor "
+                    "[n_seqs, seq_len] (sources.corpus.calibration_batches), or use method='rtn'."
+                )
+            batches = _capture_layer0_inputs(model, layers, calib_ids, cfg.batch_size)
+            for i, layer in enumerate(tqdm(layers, desc="gptq", unit="layer")):
+                stats = _collect_hessians(layer, batches)
+                _quantize_layer(layer, f"{prefix}.{i}", cfg, stats, report)
+                batches = [(_layer_output(layer(h, **kw)), kw) for h, kw in batches]
+        _round_unquantized_(model, torch.float16)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _round_unquantized_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round the float parameters left in float (embeddings, norms, head) through the checkpoint's storage
+    dtype, so the model in memory is exactly the one a reload of the checkpoint gives."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.copy_(p.to(dtype).to(p.dtype))
+
+
+def _quantize_layer(
+    layer: nn.Module, name: str, cfg: QuantConfig, stats: dict[str, GPTQ] | None, report: QuantReport
+) -> None:
+    parents = _parents_of(layer)
+    for sub, lin in target_linears(layer).items():
+        full = f"{name}.{sub}"
+        if stats is None:
+            qw = rtn_quantize(lin.weight, cfg.bits, cfg.group_size, cfg.sym, name=full)
+        else:
+            qw = stats[sub].quantize(
+                lin.weight, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp_percent,
+                cfg.block_size, cfg.outlier_threshold, name=full,
+            )
+            del stats[sub]
+        qlin = QuantLinear.from_quantized(qw, lin.bias).to(lin.weight.device)
+        for parent, attr in parents[id(lin)]:
+            setattr(parent, attr, qlin)
+        report.layers[full] = {
+            "shape": list(qw.shape),
+            "n_weights": qw.q.numel(),
+            "n_outliers": qw.n_outliers,
+            "storage_bits": storage_bits(qw),
+            "gptq_loss": qw.loss,
+        }
+
+
+def _collect_hessians(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]]) -> dict[str, GPTQ]:
+    linears = target_linears(layer)
+    stats = {name: GPTQ(lin.in_features) for name, lin in linears.items()}
+    hooks = [
+        lin.register_forward_hook(lambda _m, inp, _out, s=stats[name]: s.add_batch(inp[0]))
+        for name, lin in linears.items()
+    ]
+    try:
+        for h, kw in batches:
+            layer(h, **kw)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return stats
+
+
+class _Captured(Exception):
+    pass
+
+
+def _capture_layer0_inputs(
+    model: nn.Module, layers: nn.ModuleList, calib_ids: torch.Tensor, batch_size: int
+) -> list[tuple[torch.Tensor, dict]]:
+    """Run the model up to the first decoder layer per batch; keep its hidden states and kwargs."""
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def grab(_m, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}))
+        raise _Captured
+
+    device = next(model.parameters()).device
+    hook = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for ids in calib_ids.split(batch_size):
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        hook.remove()
+    return captured
+
+
+def _layer_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _parents_of(root: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(child) -> every (parent, attribute) holding it, so a shared module is swapped everywhere."""
+    parents: dict[int, list[tuple[nn.Module, str]]] = {}
+    for _, mod in root.named_modules(remove_duplicate=False):
+        for attr, child in mod.named_children():
+            parents.setdefault(id(child), []).append((mod, attr))
+    return parents
+
+
+def _module_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
+    for name, mod in model.named_modules():
+        if mod is layers:
+            return name
+    return "layers"
