@@ -1,0 +1,87 @@
+"""FinetuneConfig: the one frozen, validated config of the QLoRA stage (logged as params, hashed for caching)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import FinetuneError
+
+# Llama/Qwen2 attention and MLP projections. A LoRD-factored projection keeps its name and gains `.down`
+# and `.up` children (docs/CONTRACTS.md); those are targeted through the same names.
+DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                    "c_attn", "c_proj", "c_fc")
+SCHEDULERS = ("cosine", "linear", "constant")
+BASES = ("nf4", "float")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """QLoRA hyper-parameters (Dettmers et al. 2023, sec. 3: NF4 + double quantization + LoRA on every
+    linear) plus the training-loop knobs.
+
+    ``steps`` counts optimizer steps; each sees ``micro_batch_size * grad_accum_steps`` examples.
+    ``data=None`` builds the default docstring -> function set (sources.instructions) of ``n_examples``.
+    """
+
+    data: str | None = None
+    n_examples: int = 2000
+    n_eval: int = 64
+    max_seq_len: int = 256
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    base: str = "nf4"
+    double_quant: bool = True
+    steps: int = 100
+    micro_batch_size: int = 4
+    grad_accum_steps: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    eval_every: int = 25
+    early_stop_patience: int = 3
+    early_stop_min_delta: float = 0.0
+    merge: bool = True
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, list):  # from JSON / CLI
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        positive = {"n_examples": self.n_examples, "max_seq_len": self.max_seq_len, "lora_r": self.lora_r,
+                    "steps": self.steps, "micro_batch_size": self.micro_batch_size,
+                    "grad_accum_steps": self.grad_accum_steps, "eval_every": self.eval_every}
+        for name, value in positive.items():
+            if value < 1:
+                raise FinetuneError(f"FinetuneConfig.{name}={value}; expected an integer >= 1.")
+        if self.n_eval < 1:
+            raise FinetuneError(f"FinetuneConfig.n_eval={self.n_eval}; expected >= 1 held-out examples for eval loss.")
+        if self.max_seq_len < 16:
+            raise FinetuneError(f"max_seq_len={self.max_seq_len}; expected >= 16 tokens (prompt + answer).")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise FinetuneError(f"lora_dropout={self.lora_dropout}; expected 0 <= p < 1.")
+        if self.lr <= 0 or self.lora_alpha <= 0:
+            raise FinetuneError(f"lr={self.lr}, lora_alpha={self.lora_alpha}; both must be > 0.")
+        if self.scheduler not in SCHEDULERS:
+            raise FinetuneError(f"scheduler={self.scheduler!r}; expected one of {SCHEDULERS}.")
+        if self.base not in BASES:
+            raise FinetuneError(f"base={self.base!r}; expected one of {BASES} ('nf4' is QLoRA, 'float' plain LoRA).")
+        if not 0 <= self.warmup_steps < self.steps + 1:
+            raise FinetuneError(f"warmup_steps={self.warmup_steps}; expected 0 <= warmup_steps <= steps={self.steps}.")
+        if self.early_stop_patience < 0:
+            raise FinetuneError(f"early_stop_patience={self.early_stop_patience}; expected >= 0 (0 disables).")
+        if not self.target_modules:
+            raise FinetuneError("target_modules is empty; name the projections to adapt, e.g. ('q_proj', 'v_proj').")
+        if isinstance(self.target_modules, str):
+            raise FinetuneError(f"target_modules={self.target_modules!r}; expected a tuple of names, not a string.")
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

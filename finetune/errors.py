@@ -1,0 +1,7 @@
+"""The one exception type of the finetune package (docs/CONTRACTS.md: one per package)."""
+
+from __future__ import annotations
+
+
+class FinetuneError(ValueError):
+    """Bad fine-tuning input: data file, model without targetable projections, or an invalid config."""

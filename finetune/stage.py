@@ -1,0 +1,114 @@
+"""The fine-tuning stage: ``finetune_to_dir(model, cfg, out_dir) -> metrics`` (docs/CONTRACTS.md).
+
+model -> NF4 base (+ LoRA) -> train on instruction data -> adapter (+ merged float model) in one atomic
+artifact directory, with metrics: losses before/after, peak memory, seconds per step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from artifacts import atomic_dir, write_json_atomic
+
+from . import memory
+from .checkpoint import ARTIFACT_FILE, LOADER
+from .config import FinetuneConfig
+from .data import load_instructions, tokenize_split, validate_jsonl
+from .merge import merge_to_float
+from .qlora import artifact_kind, attach_lora, load_base, trainable_parameters, weight_bytes
+from .train import describe, train
+
+# files save_pretrained does not write but a base artifact may need (LoRD rank maps, modeling code)
+_SKIP_COPY = {"MANIFEST.json", "metrics.json", ARTIFACT_FILE, "model.safetensors", "model.safetensors.index.json"}
+
+
+def instruction_records(cfg: FinetuneConfig) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """The user's JSONL (validated) or the default docstring -> function set; plus what identifies it."""
+    if cfg.data:
+        digest = validate_jsonl(Path(cfg.data))
+        return load_instructions(Path(cfg.data)), {"source": str(cfg.data), "sha256": digest}
+    from sources.instructions import InstructionConfig, build_instructions
+
+    inst = build_instructions(InstructionConfig(max_examples=cfg.n_examples, seed=cfg.seed))
+    return inst.records, {"source": "sources.instructions (docstring -> function)", "sha256": inst.digest,
+                          "package_versions": inst.package_versions, "n_candidates": inst.n_candidates}
+
+
+def finetune_to_dir(model: str, cfg: FinetuneConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """QLoRA-tune ``model`` (anything ``sources.load_model`` takes) and write the artifact to ``out_dir``."""
+    from sources.models import resolve_model_dir
+
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    records, data_meta = instruction_records(cfg)
+    model_dir = resolve_model_dir(model)
+    kind = artifact_kind(Path(model_dir)) if isinstance(model_dir, Path) else "dense"
+    rss_start = memory.rss_mb()
+    base, tok = load_base(model_dir, cfg)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    peft_model = attach_lora(base, cfg)
+    n_trainable, n_total = trainable_parameters(peft_model)
+    split = tokenize_split(records, tok, cfg.max_seq_len, cfg.n_eval, cfg.seed)
+    load_peak = memory.peak_rss_mb()
+    peak_reset = memory.reset_peak_rss()
+    memory.reset_cuda_peak(cfg.device)
+    result = train(peft_model, split.train, split.eval, cfg, tok.pad_token_id, progress=progress)
+    train_peak = memory.peak_rss_mb()
+    metrics: dict[str, Any] = {
+        "model": str(model), "base_dir": str(model_dir), "base_kind": kind, "base_quant": cfg.base,
+        **describe(result),
+        "train_loss_reduction": result.train_loss_first - result.train_loss_last,
+        "n_train_examples": len(split.train), "n_eval_examples": len(split.eval),
+        "n_truncated": split.n_truncated, "n_dropped": split.n_dropped,
+        "trainable_params": n_trainable, "total_params": n_total, "weight_mb": weight_bytes(peft_model) / 2**20,
+        "rss_start_mb": rss_start, "load_peak_rss_mb": load_peak,
+        "train_peak_rss_mb": train_peak if peak_reset else None,
+        "peak_rss_mb": max(x for x in (load_peak, train_peak) if x is not None) if load_peak else None,
+        "cuda_peak_mb": memory.cuda_peak_mb(cfg.device),
+        "data": data_meta,
+    }
+    remote = kind == "lord"
+    with atomic_dir(Path(out_dir)) as tmp:
+        peft_model.save_pretrained(tmp / "adapter")
+        tok.save_pretrained(tmp / "adapter")
+        merged = cfg.merge and kind != "gptq"
+        if merged:
+            float_model = merge_to_float(peft_model, Path(model_dir), tmp / "adapter", trust_remote_code=remote)
+            float_model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            _copy_base_extras(Path(model_dir), tmp)
+            del float_model
+        else:
+            shutil.copy2(Path(model_dir) / "config.json", tmp / "config.json")  # so the dir reads as a model
+        base_meta = _base_artifact(Path(model_dir))
+        write_json_atomic(tmp / ARTIFACT_FILE, {
+            "kind": "adapter", "loader": LOADER, "source": str(model), "base_dir": str(model_dir),
+            "base_kind": kind, "base_artifact": base_meta, "merged": merged, "trust_remote_code": remote,
+            "adapter": "adapter", "data_sha256": data_meta["sha256"], "config": cfg.to_dict(),
+        })
+        write_json_atomic(tmp / "finetune_config.json", cfg.to_dict())
+        metrics["total_seconds"] = time.perf_counter() - t_start
+        write_json_atomic(tmp / "metrics.json", metrics)
+    return metrics
+
+
+def _base_artifact(model_dir: Path) -> dict[str, Any] | None:
+    path = model_dir / ARTIFACT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _copy_base_extras(model_dir: Path, out: Path) -> None:
+    if not model_dir.is_dir():
+        return
+    for p in model_dir.iterdir():
+        if p.is_file() and p.name not in _SKIP_COPY and not p.name.endswith(".safetensors") \
+                and not (out / p.name).exists():
+            shutil.copy2(p, out / p.name)
+
