@@ -11,6 +11,7 @@ from typing import Any
 
 from artifacts import atomic_dir, write_json_atomic
 from sources import code_split, load_model, resolve_model_dir
+from sources.models import weights_bytes
 
 from .errors import EvalError
 from .perplexity import PerplexityConfig, perplexity
@@ -87,6 +88,5 @@ def model_size_mb(model: str) -> float | None:
     where = resolve_model_dir(model)
     if not isinstance(where, Path):
         return None
-    n = sum(p.stat().st_size for p in where.rglob("*") if p.suffix in {".safetensors", ".bin", ".pt"})
-    return round(n / 2**20, 2)
+    return round(weights_bytes(where) / 2**20, 2)
 

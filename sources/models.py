@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from artifacts import ArtifactError, atomic_dir, verify_manifest
+from artifacts.resources import check_disk, check_memory
 
-from .embedded import EMBEDDED, assemble_gguf
+from .embedded import EMBEDDED, assemble_gguf, part_path
 from .errors import SourceError
 
 ARTIFACT_FILE = "lord_artifact.json"
@@ -79,6 +80,9 @@ def load_model(spec: str | os.PathLike, device: str | None = "cpu", dtype: torch
     dev = pick_device(device)
     dtype = dtype or default_dtype(dev)
     where = resolve_model_dir(spec, cache_dir)
+    if isinstance(where, Path) and dev.type == "cpu":
+        # weights are loaded once, plus transient copies while loading: 1.5x the float32 size on disk
+        check_memory(int(1.5 * weights_bytes(where)), f"loading '{spec}'")
     if isinstance(where, Path) and (where / ARTIFACT_FILE).is_file():
         meta = json.loads((where / ARTIFACT_FILE).read_text())
         loader = meta.get("loader")
@@ -126,6 +130,11 @@ def _cached_conversion(src: str | Path, cache_dir: Path | None) -> Path:
             return target
         except ArtifactError:
             shutil.rmtree(target, ignore_errors=True)  # damaged cache entry: rebuild it
+    gguf_bytes = sum(part_path(p).stat().st_size for p in EMBEDDED[src].parts) if isinstance(src, str) \
+        else src.stat().st_size
+    # a quantized GGUF dequantizes to ~3-8x its size in float32; conversion holds ~2 copies (DATA.md: 6 GiB peak)
+    check_disk(target.parent, 8 * gguf_bytes, f"converting '{src}' to safetensors")
+    check_memory(12 * gguf_bytes, f"converting '{src}' from GGUF")
     with atomic_dir(target) as tmp:
         if isinstance(src, str):
             gguf = assemble_gguf(EMBEDDED[src], tmp / "_gguf")
@@ -155,3 +164,8 @@ def convert_gguf(gguf: Path, out: Path, tie_word_embeddings: bool | None = None)
         model.config.tie_word_embeddings = tie_word_embeddings
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+
+
+def weights_bytes(directory: Path) -> int:
+    """Bytes of weight files in a model dir (safetensors/bin)."""
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.suffix in {".safetensors", ".bin"})

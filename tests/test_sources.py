@@ -144,3 +144,20 @@ def test_convert_rejects_non_gguf(tmp_path):
     f.write_bytes(b"x")
     with pytest.raises(SourceError, match="not a .gguf"):
         load_model(f)
+
+
+def test_model_that_does_not_fit_memory_fails_before_loading(monkeypatch):
+    from artifacts.resources import ResourceError
+
+    resolve_model_dir("tinycoder-random")
+    monkeypatch.setenv("LORD_MEMORY_BUDGET_BYTES", "1000")
+    with pytest.raises(ResourceError, match="needs about .* GiB of memory"):
+        load_model("tinycoder-random")
+
+
+def test_disk_guard_names_the_numbers(tmp_path):
+    from artifacts.resources import ResourceError, check_disk
+
+    check_disk(tmp_path / "new" / "dir", 1024, "a small write")
+    with pytest.raises(ResourceError, match="on disk"):
+        check_disk(tmp_path, 1 << 60, "an exabyte checkpoint")
