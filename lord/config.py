@@ -1,0 +1,77 @@
+"""Stage configs (frozen, validated at the edge, logged as params by flows/)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lord.decompose import METHODS
+from lord.errors import LordError
+from lord.ranks import PLANS
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration: ``n_seqs`` windows of ``seq_len`` tokens from the corpus's calibration files (seeded)."""
+
+    n_seqs: int = 64
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 4
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.n_seqs < 1 or self.seq_len < 2 or self.batch_size < 1:
+            raise LordError(f"CalibConfig needs n_seqs >= 1, seq_len >= 2, batch_size >= 1; got "
+                            f"{self.n_seqs}, {self.seq_len}, {self.batch_size}")
+        _check_patterns(self.targets, self.ignore)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DecomposeConfig:
+    """Decomposition: method, rank plan and its target (see lord/ranks.py for the exact definitions).
+
+    ``reduction``: whole-model parameter reduction to reach (fraction of all parameters) for every plan;
+    ``rank_reduction`` (uniform plan only, instead of ``reduction``): the same ``1 - r/min(m, n)`` for every
+    group. ``damping`` only affects ``whiten`` (fraction of the Gram's mean diagonal added before Cholesky).
+    """
+
+    method: str = "lord"
+    plan: str = "auto"
+    reduction: float | None = 0.1
+    rank_reduction: float | None = None
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = ()
+    damping: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise LordError(f"method {self.method!r} is unknown; expected one of {METHODS}")
+        if self.plan not in PLANS:
+            raise LordError(f"plan {self.plan!r} is unknown; expected one of {PLANS}")
+        if self.rank_reduction is not None:
+            if self.plan != "uniform":
+                raise LordError(f"rank_reduction={self.rank_reduction} applies to plan 'uniform' only, got "
+                                f"plan {self.plan!r}; use `reduction` (parameter reduction) for it")
+            if not 0 < self.rank_reduction < 1:
+                raise LordError(f"rank_reduction must be in (0, 1), got {self.rank_reduction}")
+        elif self.reduction is None or not 0 < self.reduction < 1:
+            raise LordError(f"reduction must be a parameter-reduction fraction in (0, 1), got {self.reduction}")
+        if self.damping < 0:
+            raise LordError(f"damping must be >= 0, got {self.damping}")
+        _check_patterns(self.targets, self.ignore)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_patterns(targets: tuple[str, ...], ignore: tuple[str, ...]) -> None:
+    for name, pats in (("targets", targets), ("ignore", ignore)):
+        if isinstance(pats, str) or not all(isinstance(p, str) for p in pats):
+            raise LordError(f"{name} must be a tuple of glob strings (e.g. ('*.mlp.*',)), got {pats!r}")
+    if not targets:
+        raise LordError("targets is empty: nothing would be factored; use ('*',) for every group")

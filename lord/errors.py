@@ -1,0 +1,7 @@
+"""The one exception type of the ``lord`` package."""
+
+from __future__ import annotations
+
+
+class LordError(ValueError):
+    """A LoRD input (model, statistics, plan, checkpoint) is not what was expected; the message says how to fix it."""

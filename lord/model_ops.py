@@ -1,0 +1,85 @@
+"""Model-level LoRD: factor every targeted group from its statistics under a rank plan, in place.
+
+Split so a sweep reuses the expensive part: ``factorize_groups`` (one eigenproblem per group and method)
+once, then ``apply_ranks`` on a fresh copy of the dense model for each plan.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from lord.config import DecomposeConfig
+from lord.decompose import Factorization, factorize
+from lord.errors import LordError
+from lord.ranks import plan_summary, rank_plan
+from lord.stats import GroupStats
+from lord.surgery import Group, factor_group, find_groups, stacked_weight
+
+
+@dataclass
+class DecomposeReport:
+    groups: dict  # group -> {"members", "rank" (None = dense), "m", "n", "rel_output_error", "rank_reduction"}
+    metrics: dict
+
+
+def count_params(model: nn.Module) -> int:
+    """All parameters, tied tensors counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def factorize_groups(model: nn.Module, groups: list[Group], stats: Mapping[str, GroupStats],
+                     methods: tuple[str, ...], damping: float = 0.01,
+                     progress: bool = True) -> dict[str, dict[str, Factorization]]:
+    """``{method: {group: Factorization}}`` for every group, sharing each group's work across methods."""
+    out: dict[str, dict[str, Factorization]] = {m: {} for m in methods}
+    for g in tqdm(groups, desc="factorize", disable=not progress):
+        if g.name not in stats:
+            raise LordError(f"no statistics for group {g.name}; collect them with the same targets")
+        w, _ = stacked_weight(model, g)
+        for method, f in factorize(w, stats[g.name].gram, methods, damping).items():
+            out[method][g.name] = f
+    return out
+
+
+def apply_ranks(model: nn.Module, groups: list[Group], facts: Mapping[str, Factorization],
+                ranks: Mapping[str, int | None], total_params: int) -> DecomposeReport:
+    """Swap every group with a rank for LowRankLinear (in place) and report errors and reductions."""
+    report = {}
+    for g in groups:
+        r = ranks.get(g.name)
+        f = facts[g.name]
+        err = float(f.error_curve()[r]) if r is not None else 0.0
+        if r is not None:
+            w, _ = stacked_weight(model, g)
+            up, down = f.factors(w, r)
+            factor_group(model, g, up, down)
+        report[g.name] = {
+            "members": list(g.members), "rank": r, "m": g.m, "n": g.n,
+            "rel_output_error": err ** 0.5,
+            "rank_reduction": (1 - r / min(g.m, g.n)) if r is not None else 0.0,
+        }
+    metrics = plan_summary(groups, ranks, total_params)
+    errs = [v["rel_output_error"] for v in report.values() if v["rank"] is not None]
+    metrics["rel_output_error_mean"] = sum(errs) / len(errs) if errs else 0.0
+    metrics["params_total_dense"] = total_params
+    metrics["params_total_factored"] = count_params(model)
+    return DecomposeReport(report, metrics)
+
+
+def decompose_model(model: nn.Module, stats: Mapping[str, GroupStats], cfg: DecomposeConfig,
+                    progress: bool = True) -> DecomposeReport:
+    """Factor ``model`` in place: statistics -> per-group factorization -> rank plan -> module swap."""
+    t0 = time.perf_counter()
+    groups = find_groups(model, cfg.targets, cfg.ignore)
+    total = count_params(model)
+    facts = factorize_groups(model, groups, stats, (cfg.method,), cfg.damping, progress)[cfg.method]
+    curves = {name: f.error_curve() for name, f in facts.items()}
+    ranks = rank_plan(groups, total, cfg.plan, cfg.reduction, curves, cfg.rank_reduction)
+    report = apply_ranks(model, groups, facts, ranks, total)
+    report.metrics["decompose_seconds"] = time.perf_counter() - t0
+    return report

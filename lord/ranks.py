@@ -1,0 +1,169 @@
+"""Rank plans: which rank each group gets, as an explicit ``{group: rank | None}`` dict (None = stays dense).
+
+Definitions (reported for every plan):
+* parity rank of an m x n group: ``m n / (m + n)``; at or above it a factorization stores more than ``W``, so a
+  group is only factored at ``r <= ceil(parity) - 1`` (``max_factored_rank``).
+* rank reduction of a factored group: ``1 - r / min(m, n)`` (the paper's axis).
+* parameter reduction: parameters removed (``m n - r (m + n)`` per factored group; biases unchanged) divided by
+  all parameters of the model (embeddings and head included, tied tensors counted once).
+
+Plans for a target parameter reduction ``p`` (each hits the smallest removal >= ``p``):
+* ``uniform``: every targeted group at the same fraction ``f`` of its parity rank, ``r = floor(f * parity)``,
+  so every group gives up the same share of its own parameters; ``f`` found by bisection. With an explicit
+  ``rank_reduction`` instead, every group gets ``r = round((1 - rank_reduction) min(m, n))`` and groups where
+  that is not below parity stay dense (the paper's uniform axis).
+* ``budget``: equal error: every group at the smallest rank whose relative output error is <= ``tau``
+  (dense if that rank is not below parity); ``tau`` found by bisection.
+* ``auto``: minimum total error: minimise ``sum_g e_g(r_g)`` (``e_g`` = normalised tail of the group's output
+  spectrum, ``decompose.Factorization.error_curve``) subject to the removal target, a multiple-choice
+  knapsack solved greedily on each group's lower convex hull of (parameters removed, error): take the cheapest
+  error per removed parameter first, across all groups.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from lord.errors import LordError
+from lord.surgery import Group
+
+PLANS = ("uniform", "budget", "auto")
+
+
+def parity_rank(m: int, n: int) -> float:
+    return m * n / (m + n)
+
+
+def max_factored_rank(m: int, n: int) -> int:
+    """Largest rank strictly below parity."""
+    return math.ceil(parity_rank(m, n)) - 1
+
+
+def params_removed(m: int, n: int, rank: int | None) -> int:
+    return 0 if rank is None else m * n - rank * (m + n)
+
+
+def rank_plan(groups: list[Group], total_params: int, plan: str, reduction: float | None = None,
+              curves: Mapping[str, torch.Tensor] | None = None,
+              rank_reduction: float | None = None) -> dict[str, int | None]:
+    """The rank of every group under ``plan``; ``curves`` (group -> error for ranks 0..k) for budget/auto."""
+    if plan not in PLANS:
+        raise LordError(f"unknown rank plan {plan!r}; expected one of {PLANS}")
+    if plan == "uniform" and rank_reduction is not None:
+        return _uniform_rank_reduction(groups, rank_reduction)
+    if reduction is None or not 0 < reduction < 1:
+        raise LordError(f"plan {plan!r} needs a parameter reduction in (0, 1), got {reduction}")
+    target = reduction * total_params
+    ceiling = sum(params_removed(g.m, g.n, 1) for g in groups)
+    if target > ceiling:
+        raise LordError(f"a {reduction:.0%} parameter reduction needs {target:.3g} parameters removed, but "
+                        f"the targeted groups hold at most {ceiling:.3g} removable; lower the reduction or "
+                        "target more groups")
+    if plan == "uniform":
+        return _uniform_parity_fraction(groups, target)
+    if curves is None or any(g.name not in curves for g in groups):
+        raise LordError(f"plan {plan!r} needs the error curve of every group (from decompose.factorize)")
+    if plan == "budget":
+        return _equal_error(groups, target, curves)
+    return _min_total_error(groups, target, curves)
+
+
+def plan_summary(groups: list[Group], ranks: Mapping[str, int | None], total_params: int) -> dict[str, float]:
+    """Whole-model parameter reduction, the targeted layers' own reduction and the mean rank reduction."""
+    removed = sum(params_removed(g.m, g.n, ranks.get(g.name)) for g in groups)
+    layer_params = sum(g.m * g.n for g in groups)
+    factored = [g for g in groups if ranks.get(g.name) is not None]
+    rr = [1 - ranks[g.name] / min(g.m, g.n) for g in factored]
+    return {
+        "param_reduction": removed / total_params,
+        "layer_param_reduction": removed / layer_params,
+        "rank_reduction_mean": sum(rr) / len(rr) if rr else 0.0,
+        "n_groups": len(groups),
+        "n_groups_factored": len(factored),
+        "params_removed": removed,
+    }
+
+
+def _removed(groups: list[Group], ranks: Mapping[str, int | None]) -> int:
+    return sum(params_removed(g.m, g.n, ranks.get(g.name)) for g in groups)
+
+
+def _uniform_rank_reduction(groups: list[Group], rho: float) -> dict[str, int | None]:
+    if not 0 < rho < 1:
+        raise LordError(f"rank_reduction must be in (0, 1), got {rho}")
+    out: dict[str, int | None] = {}
+    for g in groups:
+        r = max(1, round((1 - rho) * min(g.m, g.n)))
+        out[g.name] = r if r <= max_factored_rank(g.m, g.n) else None
+    return out
+
+
+def _uniform_parity_fraction(groups: list[Group], target: float) -> dict[str, int | None]:
+    def ranks(f: float) -> dict[str, int | None]:
+        return {g.name: max(1, min(max_factored_rank(g.m, g.n), math.floor(f * parity_rank(g.m, g.n))))
+                for g in groups}
+
+    lo, hi = 0.0, 1.0  # removal(lo) >= target by the ceiling check; find the largest such f
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        if _removed(groups, ranks(mid)) >= target:
+            lo = mid
+        else:
+            hi = mid
+    return ranks(lo)
+
+
+def _equal_error(groups: list[Group], target: float, curves: Mapping[str, torch.Tensor]) -> dict[str, int | None]:
+    def ranks(tau: float) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        for g in groups:
+            r = max(1, int((curves[g.name] > tau).sum()))  # error curve is non-increasing in r
+            out[g.name] = r if r <= max_factored_rank(g.m, g.n) else None
+        return out
+
+    lo, hi = 0.0, 1.0  # removal(hi) >= target (every group at rank 1); find the smallest such tau
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if _removed(groups, ranks(mid)) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return ranks(hi)
+
+
+def _min_total_error(groups: list[Group], target: float,
+                     curves: Mapping[str, torch.Tensor]) -> dict[str, int | None]:
+    segments = []  # (slope, group index, step, rank after the step, params removed by the step)
+    for gi, g in enumerate(groups):
+        curve = curves[g.name].tolist()
+        rmax = min(max_factored_rank(g.m, g.n), len(curve) - 1)
+        points = [(0, 0.0, None)] + [(params_removed(g.m, g.n, r), curve[r], r) for r in range(rmax, 0, -1)]
+        hull = _lower_hull(points)
+        for step, (a, b) in enumerate(zip(hull, hull[1:], strict=False)):
+            segments.append(((b[1] - a[1]) / (b[0] - a[0]), gi, step, b[2], b[0] - a[0]))
+    segments.sort(key=lambda s: (s[0], s[1], s[2]))
+    ranks: dict[str, int | None] = {g.name: None for g in groups}
+    removed = 0
+    for _slope, gi, _step, rank, delta in segments:
+        if removed >= target:
+            break
+        ranks[groups[gi].name] = rank
+        removed += delta
+    return ranks
+
+
+def _lower_hull(points: list[tuple[int, float, int | None]]) -> list[tuple[int, float, int | None]]:
+    """Lower convex hull of points sorted by x (Andrew's monotone chain), first point kept."""
+    hull: list[tuple[int, float, int | None]] = []
+    for p in points:
+        while len(hull) >= 2:
+            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
+            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) <= 0:  # hull[-1] is not below the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull

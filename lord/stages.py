@@ -1,0 +1,74 @@
+"""Stage entry points for flows/ (docs/CONTRACTS.md): paths and a frozen config in, a metrics dict out."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from artifacts import atomic_dir, write_json_atomic
+from lord.checkpoint import save_factored
+from lord.config import CalibConfig, DecomposeConfig
+from lord.errors import LordError
+from lord.model_ops import decompose_model
+from lord.stats import collect_stats, load_stats, save_stats
+from lord.surgery import find_groups
+
+STATS_FILE = "stats.safetensors"
+
+
+def collect_stats_to_file(model: str, out: Path, cfg: CalibConfig) -> dict:
+    """Calibration statistics of ``model`` on the corpus's calibration split, written to ``out`` (safetensors).
+
+    ``out`` may be a file path or a directory (then ``out/stats.safetensors`` plus ``metrics.json``).
+    """
+    from sources import batches_digest, calibration_batches, code_split, load_model
+
+    out = Path(out)
+    path = out / STATS_FILE if out.suffix != ".safetensors" else out
+    m, tok = load_model(model)
+    split = code_split()
+    ids = calibration_batches(tok, split.calibration, n_seqs=cfg.n_seqs, seq_len=cfg.seq_len, seed=cfg.seed)
+    groups = find_groups(m, cfg.targets, cfg.ignore)
+    t0 = time.perf_counter()
+    stats = collect_stats(m, groups, ids, batch_size=cfg.batch_size)
+    seconds = time.perf_counter() - t0
+    meta = {"model": str(model), "calibration_hash": batches_digest(ids), "corpus_digest": split.digest,
+            "config": cfg.to_dict(), "model_type": m.config.model_type}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_stats(tmp, stats, groups, meta)
+    tmp.replace(path)
+    metrics = {"stats_path": str(path), "n_groups": len(groups), "n_tokens": int(ids.numel()),
+               "calibration_seconds": seconds, "calibration_hash": meta["calibration_hash"]}
+    if path.parent == out:
+        write_json_atomic(out / "metrics.json", metrics)
+    return metrics
+
+
+def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Path) -> dict:
+    """Factor ``model`` with the statistics file (or dir holding it) and write a loadable checkpoint dir."""
+    from sources import load_model
+
+    stats = Path(stats)
+    if stats.is_dir():
+        stats = stats / STATS_FILE
+    m, tok = load_model(model)
+    groups = find_groups(m, cfg.targets, cfg.ignore)
+    group_stats, meta = load_stats(stats, [g.name for g in groups])
+    if meta.get("model") != str(model) and meta.get("model_type") != m.config.model_type:
+        raise LordError(f"statistics in {stats} were collected on {meta.get('model')!r} "
+                        f"({meta.get('model_type')}), not on {model!r}; recollect them for this model")
+    report = decompose_model(m, group_stats, cfg)
+    info = {"method": cfg.method, "plan": cfg.plan, "config": cfg.to_dict(), "source_model": str(model),
+            "stats_model": meta.get("model"), "calibration_hash": meta.get("calibration_hash")}
+    metrics = {**report.metrics, "method": cfg.method, "plan": cfg.plan,
+               "calibration_hash": meta.get("calibration_hash")}
+    with atomic_dir(Path(out_dir)) as tmp:
+        save_factored(m, tok, tmp, report.groups, info)
+        (tmp / "rank_map.json").write_text(json.dumps(report.groups, indent=2, sort_keys=True))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        (tmp / "lord_artifact.json").write_text(json.dumps(
+            {"kind": "lord", "loader": "lord.checkpoint:load_factored", "source": str(model), **info},
+            indent=2, sort_keys=True))
+    return metrics
