@@ -1,0 +1,8 @@
+"""The one exception type of the flows package."""
+
+
+class FlowError(ValueError):
+    """Bad pipeline input or a broken orchestration precondition.
+
+    Messages say what was given, what was expected and what to do.
+    """

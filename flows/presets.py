@@ -1,0 +1,130 @@
+"""Presets: named, sized bundles of stage settings, and the validated pipeline spec built from them.
+
+A preset fixes the model and every stage's config kwargs; flow parameters override single fields. The spec is
+validated once here (flow edge) and the stage configs (each package's frozen dataclass) validate their own
+fields when built in ``flows.stages.build_config`` - before any compute starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from flows.errors import FlowError
+
+STAGES = ("calibrate", "decompose", "quantize", "finetune", "evaluate")
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+# Sizes: smoke finishes in a few minutes on smollm2-135m; default finishes `make run` in <= 20 min on 2 cores
+# with the 0.5B coder (measured in bench/results/pipeline.json); full is the benchmark protocol.
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "model": "smollm2-135m",
+        "bits": (4,),
+        "calibrate": {"n_seqs": 8, "seq_len": 128},
+        "decompose": {"method": "lord", "plan": "auto", "reduction": 0.05},
+        "quantize": {"group_size": 64, "n_seqs": 8, "seq_len": 128, "batch_size": 4},
+        "finetune": {"steps": 4, "n_examples": 32, "n_eval": 8, "max_seq_len": 128, "micro_batch_size": 2,
+                     "grad_accum_steps": 1, "warmup_steps": 0, "eval_every": 4},
+        "evaluate": {"ppl_windows": 4, "ppl_seq_len": 256, "humaneval_problems": 2, "max_new_tokens": 64},
+    },
+    "default": {
+        "model": "qwen2.5-coder-0.5b",
+        "bits": (4,),
+        "calibrate": {"n_seqs": 32, "seq_len": 256},
+        "decompose": {"method": "lord", "plan": "auto", "reduction": 0.1},
+        "quantize": {"group_size": 128, "n_seqs": 32, "seq_len": 256},
+        "finetune": {"steps": 10, "n_examples": 160, "n_eval": 16, "max_seq_len": 256, "micro_batch_size": 2,
+                     "grad_accum_steps": 2, "warmup_steps": 2, "eval_every": 5},
+        "evaluate": {"ppl_windows": 16, "ppl_seq_len": 512, "humaneval_problems": 10, "max_new_tokens": 256},
+    },
+    "full": {
+        "model": "qwen2.5-coder-0.5b",
+        "bits": (8, 4),
+        "calibrate": {"n_seqs": 128, "seq_len": 512},
+        "decompose": {"method": "lord", "plan": "auto", "reduction": 0.2},
+        "quantize": {"group_size": 128, "n_seqs": 128, "seq_len": 512},
+        "finetune": {"steps": 200, "max_seq_len": 512},
+        "evaluate": {"ppl_windows": 64, "ppl_seq_len": 512, "humaneval_problems": 164, "max_new_tokens": 512},
+    },
+}
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """What one flow run does: the model, which stages run, and each stage's config kwargs."""
+
+    model: str
+    enabled: tuple[str, ...]
+    bits: tuple[int, ...]
+    stage_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    preset: str = "custom"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise FlowError(f"model={self.model!r}: expected an embedded name, hub id or local dir; "
+                            "pass e.g. --model smollm2-135m.")
+        unknown = [s for s in self.enabled if s not in STAGES]
+        if unknown:
+            raise FlowError(f"stages {unknown} are unknown; expected a subset of {list(STAGES)}.")
+        if "decompose" in self.enabled and "calibrate" not in self.enabled:
+            raise FlowError("decompose=True with calibrate=False: LoRD needs the calibration statistics; "
+                            "enable calibrate or disable decompose.")
+        if "quantize" in self.enabled and not self.bits:
+            raise FlowError("quantize=True with bits=[]: give at least one of "
+                            f"{list(SUPPORTED_BITS)} or disable quantize.")
+        bad = [b for b in self.bits if b not in SUPPORTED_BITS]
+        if bad:
+            raise FlowError(f"bits={list(self.bits)}: {bad} not supported; expected values in "
+                            f"{list(SUPPORTED_BITS)} (e.g. --bits 4 or --bits 8 4).")
+        if len(set(self.bits)) != len(self.bits):
+            raise FlowError(f"bits={list(self.bits)} has duplicates; give each width once.")
+        unknown_kw = [s for s in self.stage_kwargs if s not in STAGES]
+        if unknown_kw:
+            raise FlowError(f"overrides for unknown stages {unknown_kw}; expected keys in {list(STAGES)}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "enabled": list(self.enabled), "bits": list(self.bits),
+                "stage_kwargs": copy.deepcopy(self.stage_kwargs), "preset": self.preset}
+
+
+def resolve_spec(
+    preset: str = "default",
+    model: str | None = None,
+    reduction: float | None = None,
+    bits: list[int] | None = None,
+    stages: dict[str, bool] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> PipelineSpec:
+    """Preset + flow parameters -> a validated PipelineSpec (the single place presets are read)."""
+    if preset not in PRESETS:
+        raise FlowError(f"preset={preset!r} is unknown; expected one of {sorted(PRESETS)}.")
+    base = copy.deepcopy(PRESETS[preset])
+    kwargs = {s: dict(base[s]) for s in STAGES}
+    if reduction is not None:
+        if not isinstance(reduction, (int, float)) or not 0.0 < float(reduction) < 1.0:
+            raise FlowError(f"reduction={reduction!r}: expected a fraction of parameters to remove in (0, 1), "
+                            "e.g. 0.2; use decompose=False for no decomposition.")
+        kwargs["decompose"]["reduction"] = float(reduction)
+    for stage, kv in (overrides or {}).items():
+        if stage not in STAGES:
+            raise FlowError(f"overrides for unknown stage {stage!r}; expected keys in {list(STAGES)}.")
+        if not isinstance(kv, dict):
+            raise FlowError(f"overrides[{stage!r}]={kv!r}: expected a mapping field -> value.")
+        kwargs[stage].update(kv)
+    flags = {s: True for s in STAGES}
+    for stage, on in (stages or {}).items():
+        if stage not in STAGES:
+            raise FlowError(f"stage switch {stage!r} is unknown; expected one of {list(STAGES)}.")
+        flags[stage] = bool(on)
+    # calibration exists only to feed decomposition: skipping decompose skips it too.
+    if not flags["decompose"]:
+        flags["calibrate"] = False
+    return PipelineSpec(
+        model=model or base["model"],
+        enabled=tuple(s for s in STAGES if flags[s]),
+        bits=tuple(int(b) for b in (bits if bits is not None else base["bits"])),
+        stage_kwargs=kwargs,
+        preset=preset,
+    )

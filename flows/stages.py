@@ -1,0 +1,112 @@
+"""The stage registry: which library function and config class each pipeline stage calls, content hashes of
+stage inputs, and the one call per stage. No Prefect or MLflow here, so this is plain, testable plumbing.
+
+A stage's identity (its cache key) is ``sha256(stage, config.to_dict(), input content hashes, CACHE_VERSION)``:
+the same inputs and config give the same artifact dir ``<runs>/<stage>/<key>/``, so a finished artifact is
+found again by any later run, Prefect cache or not.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from artifacts import MANIFEST, atomic_dir, sha256_file, sha256_json, write_json_atomic
+from flows.errors import FlowError
+
+# Bump when the meaning of an artifact changes without its config changing (invalidates every cache entry).
+CACHE_VERSION = "1"
+# Test-only fault hook: a run with LORD_FLOW_FAIL_STAGE=<stage> fails that stage before it computes.
+FAULT_ENV = "LORD_FLOW_FAIL_STAGE"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    function: str  # "module:attr" of the library entry point (docs/CONTRACTS.md)
+    config: str  # "module:Class" of its frozen config dataclass
+
+
+REGISTRY: dict[str, StageSpec] = {
+    "calibrate": StageSpec("lord:collect_stats_to_file", "lord:CalibConfig"),
+    "decompose": StageSpec("lord:decompose_to_dir", "lord:DecomposeConfig"),
+    "quantize": StageSpec("quant:quantize_to_dir", "quant:QuantConfig"),
+    "finetune": StageSpec("finetune:finetune_to_dir", "finetune:FinetuneConfig"),
+    "evaluate": StageSpec("evaluation:evaluate_to_dir", "evaluation:EvalConfig"),
+}
+STATS_FILE = "stats.safetensors"
+
+
+def _import(ref: str, stage: str) -> Any:
+    module, _, attr = ref.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise FlowError(
+            f"stage {stage!r} needs {ref}, which is not importable ({e}); disable the stage "
+            f"(e.g. --no-{stage}) or install the package that provides it."
+        ) from e
+
+
+def build_config(stage: str, kwargs: dict[str, Any]) -> Any:
+    """Build (and so validate) the stage's frozen config; unknown fields get a message listing valid ones."""
+    cls = _import(REGISTRY[stage].config, stage)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        fields = list(inspect.signature(cls).parameters)
+        raise FlowError(f"{stage} config {kwargs}: {e}; valid fields of {cls.__name__} are {fields}.") from e
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(cfg.to_dict(), sort_keys=True, default=str))
+
+
+def content_hash(model: str) -> str:
+    """Content hash of a stage input: an artifact dir's manifest digest, a plain dir's file digests, a file's
+    digest, or (for an embedded/hub name, pinned by its package version) the name itself."""
+    p = Path(model)
+    if p.is_dir():
+        manifest = p / MANIFEST
+        if manifest.is_file():
+            return sha256_file(manifest)
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        return sha256_json({str(f.relative_to(p)): sha256_file(f) for f in files})
+    if p.is_file():
+        return sha256_file(p)
+    return sha256_json({"name": model})
+
+
+def stage_key(stage: str, cfg: dict[str, Any], inputs: dict[str, str]) -> str:
+    return sha256_json({"stage": stage, "config": cfg, "inputs": inputs, "v": CACHE_VERSION})[:20]
+
+
+def artifact_dir(runs_dir: Path, stage: str, key: str) -> Path:
+    return Path(runs_dir) / stage / key
+
+
+def run_stage(stage: str, cfg_dict: dict[str, Any], inputs: dict[str, str], out_dir: Path) -> dict[str, Any]:
+    """Call the library function of ``stage`` into ``out_dir`` and return its metrics dict.
+
+    ``inputs`` holds paths: ``model`` always, ``stats`` for decompose. Calibration writes one file, so it is
+    wrapped in an atomic dir here; the other stage functions write ``out_dir`` atomically themselves.
+    """
+    if os.environ.get(FAULT_ENV) == stage:
+        raise FlowError(f"fault injected: {FAULT_ENV}={stage}; unset it to run the stage.")
+    fn = _import(REGISTRY[stage].function, stage)
+    cfg = build_config(stage, cfg_dict)
+    model = inputs["model"]
+    if stage == "calibrate":
+        with atomic_dir(out_dir) as tmp:
+            metrics = dict(fn(model, tmp / STATS_FILE, cfg) or {})
+            metrics["stats_path"] = str(Path(out_dir) / STATS_FILE)  # where it lives after the rename
+            write_json_atomic(tmp / "metrics.json", metrics)
+            write_json_atomic(tmp / "config.json", cfg_dict)
+        return metrics
+    if stage == "decompose":
+        return fn(model, Path(inputs["stats"]), cfg, out_dir) or {}
+    return fn(model, cfg, out_dir) or {}

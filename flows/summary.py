@@ -1,0 +1,69 @@
+"""The summary table of a run (one row per evaluated model variant) and plain-text table formatting, shared
+by ``lord run`` (from the flow's return value) and ``lord compare`` (from MLflow)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The config fields worth a column: the ones that change between variants and explain their numbers.
+KEY_PARAMS = ("reduction", "rank_reduction", "method", "plan", "bits", "group_size", "outlier_threshold",
+              "steps", "lora_r", "lr")
+# Metric names as the evaluation stage writes them, first match wins.
+METRIC_ALIASES = {
+    "ppl": ("ppl", "perplexity", "ppl.ppl"),
+    "pass_at_1": ("pass_at_1", "pass@1", "humaneval.pass_at_1"),
+    "size_mb": ("size_mb", "model_size_mb", "disk_mb"),
+    "n_params": ("n_params", "params", "parameters"),
+    "param_reduction": ("param_reduction",),
+}
+
+
+def pick(metrics: dict[str, Any], name: str) -> Any:
+    for alias in METRIC_ALIASES.get(name, (name,)):
+        if alias in metrics:
+            return metrics[alias]
+    return None
+
+
+def short_params(cfg: dict[str, Any]) -> str:
+    return " ".join(f"{k}={cfg[k]}" for k in KEY_PARAMS if k in cfg and cfg[k] is not None) or "-"
+
+
+def summary_rows(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    dense_ppl = None
+    for v in variants:
+        m = v.get("metrics", {})
+        row = {"variant": v["variant"], "params": short_params(v.get("params", {})),
+               **{k: pick(m, k) for k in ("size_mb", "n_params", "ppl", "pass_at_1")}}
+        if v["variant"] == "dense":
+            dense_ppl = row["ppl"]
+        if isinstance(row["ppl"], (int, float)) and isinstance(dense_ppl, (int, float)) and dense_ppl:
+            row["ppl_increase"] = row["ppl"] / dense_ppl - 1.0
+        rows.append(row)
+    dense_params = next((r["n_params"] for r in rows if r["variant"] == "dense"), None)
+    for r in rows:
+        if isinstance(r.get("n_params"), (int, float)) and isinstance(dense_params, (int, float)) and dense_params:
+            r["param_reduction"] = 1.0 - r["n_params"] / dense_params
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """Left-aligned plain-text table; missing values print as '-'."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(row) for row in cells)])
