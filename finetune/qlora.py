@@ -119,6 +119,7 @@ def attach_lora(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
         p.requires_grad_(False)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=names, bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(cfg.seed)  # LoRA's A is randomly initialised (B = 0): seed it so runs repeat
     return get_peft_model(model, lora)
 
 

@@ -10,7 +10,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from finetune import FinetuneConfig, FinetuneError, finetune_to_dir, load_finetuned
+from finetune import FinetuneConfig, FinetuneError, finetune_to_dir, load_finetuned, target_module_names
 from finetune.data import load_instructions, tokenize_split, validate_jsonl
 from finetune.qlora import attach_lora, load_base
 
@@ -109,3 +109,70 @@ def test_prompt_is_masked(data_file):
     ex = split.train[0]
     supervised = [t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != -100]
     assert tok.decode(supervised).startswith("def f():") and supervised[-1] == tok.eos_token_id
+
+
+@pytest.fixture
+def tiny_lord_dir(tiny_llama, calib_ids, tmp_path) -> Path:
+    """A real LoRD checkpoint of the tiny Llama (q/k/v and gate/up share a bottleneck), as lord writes it."""
+    from lord import DecomposeConfig, collect_stats, decompose_model, find_groups, save_factored
+
+    stats = collect_stats(tiny_llama, find_groups(tiny_llama), calib_ids, progress=False)
+    report = decompose_model(tiny_llama, stats, DecomposeConfig(method="lord", plan="uniform", reduction=None,
+                                                                rank_reduction=0.5), progress=False)
+    d = tmp_path / "tiny_lord"
+    save_factored(tiny_llama, char_tokenizer(), d, report.groups, {"method": "lord"})
+    (d / "lord_artifact.json").write_text(json.dumps({"kind": "lord", "loader": "lord.checkpoint:load_factored"}))
+    return d
+
+
+def test_lord_base_factors_are_quantized_and_adapted(tiny_lord_dir, data_file, tmp_path):
+    import bitsandbytes as bnb
+
+    from lord import LowRankLinear
+    from sources import load_model
+
+    cfg = small_cfg(data_file)
+    base, _ = load_base(tiny_lord_dir, cfg)
+    factored = [n for n, m in base.named_modules() if type(m).__name__ == "LowRankLinear"]
+    assert factored, "the LoRD checkpoint loaded without factored projections"
+    names = target_module_names(base, cfg.target_modules)
+    assert any(n.endswith("q_proj.down") for n in names) and any(n.endswith("k_proj.up") for n in names)
+    assert all(isinstance(base.get_submodule(n), bnb.nn.Linear4bit) for n in names)
+
+    out = tmp_path / "ft_lord"
+    metrics = finetune_to_dir(str(tiny_lord_dir), cfg, out, progress=False)
+    assert metrics["base_kind"] == "lord" and metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    merged, tok = load_model(str(out))  # through lord_artifact.json -> finetune.checkpoint:load_finetuned
+    assert any(isinstance(m, LowRankLinear) or type(m).__name__ == "LowRankLinear" for m in merged.modules())
+    from peft import PeftModel
+
+    adapter_model = PeftModel.from_pretrained(load_base(tiny_lord_dir, cfg)[0], str(out / "adapter")).eval()
+    ids = tok(["def f():\n    return 3 + 1"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(adapter_model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-3, rtol=1e-3)
+
+
+def test_adapter_round_trip_and_seeded(tiny_dir, data_file, tmp_path):
+    """A saved peft adapter reloaded on a fresh NF4 base reproduces the trained model; same seed, same run."""
+    from peft import PeftModel
+
+    from finetune import train
+    from finetune.data import load_instructions
+
+    cfg = small_cfg(data_file, steps=4)
+    logits = []
+    for _ in range(2):
+        model, tok = load_base(tiny_dir, cfg)
+        model = attach_lora(model, cfg)
+        split = tokenize_split(load_instructions(data_file), tok, cfg.max_seq_len, cfg.n_eval, cfg.seed)
+        train(model, split.train, split.eval, cfg, tok.pad_token_id, progress=False)
+        ids = torch.tensor([split.eval[0]["input_ids"]])
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+    assert torch.equal(logits[0], logits[1])
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(load_base(tiny_dir, cfg)[0], str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        again = reloaded(input_ids=ids).logits
+    assert torch.allclose(again, logits[1], atol=1e-6)
+    assert not torch.allclose(again, load_base(tiny_dir, cfg)[0](input_ids=ids).logits, atol=1e-4)
