@@ -67,6 +67,7 @@ def save_quantized(model: nn.Module, tokenizer: Any, out_dir: Path, cfg: QuantCo
     qcfg = gptq_quantize_config(cfg)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    config.pop("auto_map", None)  # a LoRD dir's remote code is not copied: our loader rebuilds the factors
     config["quantization_config"] = qcfg
     config["dtype"] = "float16"
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -98,17 +99,22 @@ def load_quantized(
     path = Path(path)
     if not (path / LAYOUT).is_file() or not (path / WEIGHTS).is_file():
         raise QuantError(f"{path} has no {LAYOUT} / {WEIGHTS}: not a quantized checkpoint written by quant/.")
+    if (path / "MANIFEST.json").is_file():
+        from artifacts import ArtifactError, verify_manifest
+
+        try:
+            verify_manifest(path, full=False)
+        except ArtifactError as e:
+            raise QuantError(str(e)) from e
     layout = json.loads((path / LAYOUT).read_text())
     dtype = dtype or (torch.float32 if str(device).startswith("cpu") else torch.bfloat16)
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we build the modules; transformers must not call its GPTQ backend
-    lord = getattr(config, "lord", None)
-    if lord:
-        from lord.modeling import modeling_lord
+    if getattr(config, "lord", None):
+        from lord.modeling.modeling_lord import LORD_CLASSES
 
-        cls = getattr(modeling_lord, config.architectures[0])
-        model = cls._from_config(config, dtype=dtype)
+        model = LORD_CLASSES[config.model_type]._from_config(config, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, spec in layout["modules"].items():

@@ -47,6 +47,7 @@ class GPTQ:
         block_size: int = 128,
         outlier_threshold: float | None = None,
         name: str = "layer",
+        allow_partial: bool = False,
     ) -> QuantizedWeight:
         """Quantize ``weight`` [out, in] minimising ``||X W^T - X Q^T||^2`` column by column (GPTQ eq. 2-4).
 
@@ -62,7 +63,7 @@ class GPTQ:
             )
         W = weight.detach().float().clone()
         out_f, in_f = W.shape
-        gs = check_group_size(in_f, group_size, name)
+        gs = check_group_size(in_f, group_size, name, allow_partial)
         H = self.H.clone()
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
@@ -138,11 +139,20 @@ class GPTQ:
     def _fit_group(
         group: torch.Tensor, d: torch.Tensor, bits: int, sym: bool, thr: float | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Grid of one column group; with outliers on, refit without the likely outliers (SpQR sec. 4.1)
-        so a few large weights do not stretch the grid for the rest."""
+        """Grid of one column group. With outliers on, weights whose *leave-one-out* scaled error exceeds the
+        threshold are left out of the fit (SpQR sec. 4.1), so a large weight cannot stretch the grid to hide
+        its own error. A min-max grid only changes when its row's min or max is left out, so three fits
+        (all, without the max, without the min) give every weight's leave-one-out grid."""
         scale, zero = fit_grid(group, bits, sym)
-        if thr is None:
+        if thr is None or group.shape[1] < 2:
             return scale, zero
-        q = dequantize(quantize_int(group, scale, zero, bits), scale, zero)
-        keep = ((group - q) / d.unsqueeze(0)).square() <= thr
-        return fit_grid(group, bits, sym, keep=keep)
+        srt = group.sort(dim=1).values
+        no_max = fit_grid(torch.cat([srt[:, :1], srt[:, -2:-1]], dim=1), bits, sym)
+        no_min = fit_grid(torch.cat([srt[:, 1:2], srt[:, -1:]], dim=1), bits, sym)
+
+        def err(grid: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            q = dequantize(quantize_int(group, *grid, bits), *grid)
+            return ((group - q) / d.unsqueeze(0)).square()
+
+        loo = torch.where(group == srt[:, -1:], err(no_max), torch.where(group == srt[:, :1], err(no_min), err((scale, zero))))
+        return fit_grid(group, bits, sym, keep=loo <= thr)

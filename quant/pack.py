@@ -4,8 +4,8 @@ Values are written as one little-endian bit stream into int32 words: for 2/4/8 b
 ``32 / bits`` whole values per word; for 3 bits the stream crosses word boundaries exactly as AutoGPTQ's
 3-bit packer does (32 values -> 3 words). ``qweight`` packs along the input dim ``[in, out] -> [in*bits/32,
 out]``; ``qzeros`` packs along the output dim ``[groups, out] -> [groups, out*bits/32]`` and stores
-``zero - 1`` (the v1 convention that loaders undo). A dimension that is not a multiple of 32 is zero-padded
-(only our own loader reads such layers, e.g. LoRD factors of odd rank).
+``zero - 1`` (the v1 convention that loaders undo). A dimension that does not fill whole words is
+zero-padded (only our own loader reads such layers, e.g. LoRD factors of odd rank).
 """
 
 from __future__ import annotations
@@ -15,15 +15,21 @@ import torch
 _FAST = (2, 4, 8)
 
 
+def _unit(bits: int) -> int:
+    """Values per packing unit: one word for 2/4/8 bits, three words (32 values) for 3 bits."""
+    return 32 // bits if bits in _FAST else 32
+
+
 def packed_len(n: int, bits: int) -> int:
-    return (n + 31) // 32 * bits
+    u = _unit(bits)
+    return (n + u - 1) // u * (1 if bits in _FAST else bits)
 
 
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """int tensor [n, m] with entries in [0, 2^bits) -> int32 [ceil(n/32)*bits, m]."""
+    """int tensor [n, m] with entries in [0, 2^bits) -> int32 [packed_len(n, bits), m]."""
     n, m = values.shape
     v = values.to(torch.int64)
-    v = torch.nn.functional.pad(v, (0, 0, 0, (-n) % 32))
+    v = torch.nn.functional.pad(v, (0, 0, 0, (-n) % _unit(bits)))
     if bits in _FAST:
         per = 32 // bits
         shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
@@ -36,7 +42,7 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of ``pack_rows``: int32 [ceil(n/32)*bits, m] -> int32 [n, m]."""
+    """Inverse of ``pack_rows``: int32 [packed_len(n, bits), m] -> int32 [n, m]."""
     m = packed.shape[1]
     w = packed.to(torch.int64) & 0xFFFFFFFF
     mask = 2**bits - 1

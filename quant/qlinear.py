@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from quant.pack import pack_qweight, pack_qzeros, packed_len, unpack_qweight, unpack_qzeros
-from quant.result import QuantizedWeight
+from quant.result import QuantizedWeight, n_groups
 
 
 class QuantLinear(nn.Module):
@@ -31,10 +31,10 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         self.cache = cache
-        n_groups = 1 if group_size == -1 else in_features // group_size
+        groups = n_groups(in_features, group_size)
         self.register_buffer("qweight", torch.zeros(packed_len(in_features, bits), out_features, dtype=torch.int32))
-        self.register_buffer("qzeros", torch.zeros(n_groups, packed_len(out_features, bits), dtype=torch.int32))
-        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16))
+        self.register_buffer("qzeros", torch.zeros(groups, packed_len(out_features, bits), dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
         if n_outliers:

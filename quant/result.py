@@ -38,22 +38,29 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         g = self.g_idx.long()
-        w = self.scales.float()[g].T * (self.q.float() - self.zeros.float()[g].T)
+        w = (self.scales.float()[g].T * (self.q.float() - self.zeros.float()[g].T)).contiguous()
         if self.n_outliers:
             w.view(-1)[self.outlier_idx] = self.outlier_val.float()
         return w
 
 
-def check_group_size(in_features: int, group_size: int, name: str = "layer") -> int:
-    """Return the effective group size (in_features for -1) or raise if it does not divide in_features."""
+def check_group_size(in_features: int, group_size: int, name: str = "layer", allow_partial: bool = False) -> int:
+    """Return the effective group size (in_features for -1) or raise if it does not divide in_features.
+
+    ``allow_partial`` (LoRD factors, whose input dim is a rank) lets the last group be shorter, as the GPTQ
+    layout allows (``ceil(in / group_size)`` groups).
+    """
     if group_size == -1:
         return in_features
-    if in_features % group_size:
+    if in_features % group_size and not allow_partial:
         divisors = [d for d in (32, 64, 128, 256) if in_features % d == 0]
         hint = f"a divisor such as {divisors[-1]}" if divisors else "-1 (per channel)"
         raise QuantError(
             f"group_size={group_size} does not divide the input dimension {in_features} of {name}; "
-            f"use {hint}, or -1 for per-channel grids (for LoRD factors, choose ranks that are multiples "
-            "of the group size)."
+            f"use {hint}, or -1 for per-channel grids."
         )
     return group_size
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    return 1 if group_size == -1 else -(-in_features // group_size)

@@ -8,15 +8,19 @@ from quant.grid import fit_grid, quantize_int
 from quant.result import QuantizedWeight, check_group_size
 
 
-def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, name: str = "layer") -> QuantizedWeight:
+def rtn_quantize(
+    weight: torch.Tensor, bits: int, group_size: int, sym: bool, name: str = "layer", allow_partial: bool = False
+) -> QuantizedWeight:
     """Quantize each row's column groups independently to their nearest grid level."""
     w = weight.detach().float()
     out_f, in_f = w.shape
-    gs = check_group_size(in_f, group_size, name)
-    n_groups = in_f // gs
-    rows = w.reshape(out_f * n_groups, gs)
+    gs = check_group_size(in_f, group_size, name, allow_partial)
+    n_groups = -(-in_f // gs)
+    # zero padding of a short last group leaves its grid unchanged: every grid's range contains 0
+    padded = torch.nn.functional.pad(w, (0, n_groups * gs - in_f))
+    rows = padded.reshape(out_f * n_groups, gs)
     scale, zero = fit_grid(rows, bits, sym)
-    q = quantize_int(rows, scale, zero, bits).reshape(out_f, in_f)
+    q = quantize_int(rows, scale, zero, bits).reshape(out_f, n_groups * gs)[:, :in_f]
     return QuantizedWeight(
         q=q.to(torch.uint8),
         scales=scale.reshape(out_f, n_groups).T.contiguous().half(),

@@ -92,8 +92,9 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor |
     layers = decoder_layers(model)
     prefix = _module_prefix(model, layers)
     for i, layer in enumerate(layers):  # fail before any work if a group size does not fit
+        factors = _factor_linears(layer)
         for name, lin in target_linears(layer).items():
-            check_group_size(lin.in_features, cfg.group_size, f"{prefix}.{i}.{name}")
+            check_group_size(lin.in_features, cfg.group_size, f"{prefix}.{i}.{name}", id(lin) in factors)
     report = QuantReport()
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -128,14 +129,16 @@ def _quantize_layer(
     layer: nn.Module, name: str, cfg: QuantConfig, stats: dict[str, GPTQ] | None, report: QuantReport
 ) -> None:
     parents = _parents_of(layer)
+    factors = _factor_linears(layer)
     for sub, lin in target_linears(layer).items():
         full = f"{name}.{sub}"
+        partial = id(lin) in factors
         if stats is None:
-            qw = rtn_quantize(lin.weight, cfg.bits, cfg.group_size, cfg.sym, name=full)
+            qw = rtn_quantize(lin.weight, cfg.bits, cfg.group_size, cfg.sym, name=full, allow_partial=partial)
         else:
             qw = stats[sub].quantize(
                 lin.weight, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp_percent,
-                cfg.block_size, cfg.outlier_threshold, name=full,
+                cfg.block_size, cfg.outlier_threshold, name=full, allow_partial=partial,
             )
             del stats[sub]
         qlin = QuantLinear.from_quantized(qw, lin.bias).to(lin.weight.device)
@@ -148,6 +151,16 @@ def _quantize_layer(
             "storage_bits": storage_bits(qw),
             "gptq_loss": qw.loss,
         }
+
+
+def _factor_linears(layer: nn.Module) -> set[int]:
+    """ids of the ``down``/``up`` linears of LoRD factors: their in-dim is a rank, so a group size need not
+    divide it (the last group is shorter; only our loader reads factored checkpoints anyway)."""
+    out: set[int] = set()
+    for _, mod in layer.named_modules():
+        if type(mod).__name__ == "LowRankLinear":
+            out.update(id(c) for c in (mod.down, mod.up) if isinstance(c, nn.Linear))
+    return out
 
 
 def _collect_hessians(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]]) -> dict[str, GPTQ]:
