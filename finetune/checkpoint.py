@@ -46,6 +46,18 @@ def load_finetuned(directory: str | Path, device: str = "cpu", dtype: torch.dtyp
     remote = bool(meta.get("trust_remote_code"))
     if meta.get("merged"):
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=remote, **kwargs)
+    elif meta.get("base_kind") == "gptq":
+        from peft import LoraConfig, PeftModel
+
+        from sources import load_model
+
+        from . import gptq_lora
+
+        base, _ = load_model(meta["base_dir"], device=device, dtype=dtype)
+        gptq_lora.prepare_quant_linears(base)
+        config = LoraConfig.from_pretrained(str(directory / "adapter"))
+        gptq_lora.register(config)
+        model = PeftModel.from_pretrained(base, str(directory / "adapter"), config=config)
     else:
         from peft import PeftModel
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import gptq_lora
 from .config import FinetuneConfig
 from .errors import FinetuneError
 
@@ -62,6 +63,7 @@ def load_base(model_dir: Path, cfg: FinetuneConfig) -> tuple[nn.Module, Any]:
         from sources import load_model
 
         model, _ = load_model(str(model_dir), device=cfg.device)
+        gptq_lora.prepare_quant_linears(model)
     elif cfg.base == "nf4":
         model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb_config(cfg),
                                                      dtype=torch.float32, **kwargs)
@@ -119,6 +121,8 @@ def attach_lora(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
         p.requires_grad_(False)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=names, bias="none", task_type="CAUSAL_LM")
+    if gptq_lora.prepare_quant_linears(model):
+        gptq_lora.register(lora)
     torch.manual_seed(cfg.seed)  # LoRA's A is randomly initialised (B = 0): seed it so runs repeat
     return get_peft_model(model, lora)
 

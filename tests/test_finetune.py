@@ -176,3 +176,45 @@ def test_adapter_round_trip_and_seeded(tiny_dir, data_file, tmp_path):
         again = reloaded(input_ids=ids).logits
     assert torch.allclose(again, logits[1], atol=1e-6)
     assert not torch.allclose(again, load_base(tiny_dir, cfg)[0](input_ids=ids).logits, atol=1e-4)
+
+
+def test_lora_on_gptq_base(tiny_dir, data_file, tmp_path):
+    """The alternative base: our GPTQ 4-bit checkpoint, LoRA on its QuantLinears, saved unmerged."""
+    from finetune.gptq_lora import QuantLoraLinear
+    from quant import QuantConfig, quantize_to_dir
+    from quant.qlinear import QuantLinear
+    from sources import load_model
+
+    qdir = tmp_path / "tiny_gptq"
+    quantize_to_dir(str(tiny_dir), QuantConfig(bits=4, group_size=32, n_seqs=4, seq_len=32), qdir)
+    cfg = small_cfg(data_file)
+    base, _ = load_base(qdir, cfg)
+    model = attach_lora(base, cfg)
+    wrapped = [m for m in model.modules() if isinstance(m, QuantLoraLinear)]
+    assert wrapped and all(isinstance(m.get_base_layer(), QuantLinear) for m in wrapped)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+    out = tmp_path / "ft_gptq"
+    metrics = finetune_to_dir(str(qdir), cfg, out, progress=False)
+    assert metrics["base_kind"] == "gptq" and metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    reloaded, tok = load_model(str(out))
+    ids = tok(["def f():\n    return 2 + 2"], return_tensors="pt")["input_ids"]
+    plain, _ = load_model(str(qdir))
+    with torch.no_grad():
+        assert not torch.allclose(reloaded(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-4)
+
+
+def test_dequant_linear_gradient_matches_float():
+    """The memory-light GPTQ matmul has the float layer's input gradient (it recomputes W in backward)."""
+    from finetune.gptq_lora import _DequantLinear
+    from quant.qlinear import QuantLinear
+    from quant.rtn import rtn_quantize
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 48)
+    layer = QuantLinear.from_quantized(rtn_quantize(dense.weight.detach(), bits=4, group_size=32, sym=True), dense.bias)
+    x = torch.randn(3, 64, requires_grad=True)
+    _DequantLinear.apply(x, layer).pow(2).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, layer.dequantize(), layer.bias.float()).pow(2).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
