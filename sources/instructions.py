@@ -16,6 +16,7 @@ import importlib.metadata
 import importlib.util
 import json
 import random
+import sysconfig
 import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,6 +76,12 @@ def build_instructions(cfg: InstructionConfig = InstructionConfig()) -> Instruct
         root = _package_root(package)
         if root is None:
             continue
+        if _in_stdlib(root):
+            raise InstructionDataError(
+                f"package {package!r} is part of the Python standard library ({root}), which is the calibration "
+                f"and held-out perplexity corpus; training on it would leak the evaluation. Name an installed "
+                f"third-party package instead."
+            )
         versions[package] = _version(package)
         for path in sorted(root.rglob("*.py")):
             if any(part in cfg.exclude_dirs for part in path.relative_to(root).parts[:-1]):
@@ -127,6 +134,12 @@ def _package_root(package: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _in_stdlib(root: Path) -> bool:
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    root = root.resolve()
+    return stdlib in root.parents and "site-packages" not in root.parts and "dist-packages" not in root.parts
 
 
 def _version(package: str) -> str:
