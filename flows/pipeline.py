@@ -108,13 +108,14 @@ class _Runner:
             current, name = lord["dir"], "lord"
             self._evaluate(name, current, self.cfgs["decompose"])
         if "quantize" in spec.enabled:
-            base, base_name = current, name
-            for b in sorted(spec.bits, reverse=True):  # finetune then starts from the narrowest width
-                q = self._stage("quantize", f"quantize{b}", {"model": base}, label=f"quantize{b}")
-                current, name = q["dir"], _join(base_name, f"gptq{b}")
-                self._evaluate(name, current, self.cfgs[f"quantize{b}"])
+            for b in sorted(spec.bits, reverse=True):
+                q = self._stage("quantize", f"quantize{b}", {"model": current}, label=f"quantize{b}")
+                self._evaluate(_join(name, f"gptq{b}"), q["dir"], self.cfgs[f"quantize{b}"])
         if "finetune" in spec.enabled:
-            ft = self._stage("finetune", "finetune", {"model": current})
+            # QLoRA quantizes its frozen base to NF4 itself (Dettmers et al. 2023, sec. 3), so it starts from
+            # the float (decomposed) model; the GPTQ variants are the post-training-only comparison points.
+            data = self.cfgs["finetune"].get("data")  # hash the instruction file's content, not its path
+            ft = self._stage("finetune", "finetune", {"model": current, **({"data": data} if data else {})})
             self._evaluate(_join(name, "qlora"), ft["dir"], self.cfgs["finetune"])
         self._finish()
 

@@ -17,7 +17,8 @@ STAGES = ("calibrate", "decompose", "quantize", "finetune", "evaluate")
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 # Sizes: smoke finishes in a few minutes on smollm2-135m; default finishes `make run` in <= 20 min on 2 cores
-# with the 0.5B coder (measured in bench/results/pipeline.json); full is the benchmark protocol.
+# with the 0.5B coder; full is the benchmark protocol. Presets opt in to HumanEval's code execution
+# (allow_execution): generated code runs only inside evaluation's sandbox.
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "model": "smollm2-135m",
@@ -27,7 +28,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "quantize": {"group_size": 64, "n_seqs": 8, "seq_len": 128, "batch_size": 4},
         "finetune": {"steps": 4, "n_examples": 32, "n_eval": 8, "max_seq_len": 128, "micro_batch_size": 2,
                      "grad_accum_steps": 1, "warmup_steps": 0, "eval_every": 4},
-        "evaluate": {"ppl_windows": 4, "ppl_seq_len": 256, "humaneval_problems": 2, "max_new_tokens": 64},
+        "evaluate": {"seq_len": 256, "n_windows": 4, "humaneval_problems": 2, "humaneval_max_new_tokens": 64,
+                     "allow_execution": True},
     },
     "default": {
         "model": "qwen2.5-coder-0.5b",
@@ -37,7 +39,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "quantize": {"group_size": 128, "n_seqs": 32, "seq_len": 256},
         "finetune": {"steps": 10, "n_examples": 160, "n_eval": 16, "max_seq_len": 256, "micro_batch_size": 2,
                      "grad_accum_steps": 2, "warmup_steps": 2, "eval_every": 5},
-        "evaluate": {"ppl_windows": 16, "ppl_seq_len": 512, "humaneval_problems": 10, "max_new_tokens": 256},
+        "evaluate": {"seq_len": 512, "n_windows": 16, "humaneval_problems": 10, "humaneval_max_new_tokens": 256,
+                     "allow_execution": True},
     },
     "full": {
         "model": "qwen2.5-coder-0.5b",
@@ -46,7 +49,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "decompose": {"method": "lord", "plan": "auto", "reduction": 0.2},
         "quantize": {"group_size": 128, "n_seqs": 128, "seq_len": 512},
         "finetune": {"steps": 200, "max_seq_len": 512},
-        "evaluate": {"ppl_windows": 64, "ppl_seq_len": 512, "humaneval_problems": 164, "max_new_tokens": 512},
+        "evaluate": {"seq_len": 512, "n_windows": 64, "humaneval_problems": 164, "humaneval_max_new_tokens": 512,
+                     "allow_execution": True},
     },
 }
 

@@ -11,18 +11,16 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from artifacts import MANIFEST, atomic_dir, sha256_file, sha256_json, write_json_atomic
+from flows import faults
 from flows.errors import FlowError
 
 # Bump when the meaning of an artifact changes without its config changing (invalidates every cache entry).
 CACHE_VERSION = "1"
-# Test-only fault hook: a run with LORD_FLOW_FAIL_STAGE=<stage> fails that stage before it computes.
-FAULT_ENV = "LORD_FLOW_FAIL_STAGE"
 
 
 @dataclass(frozen=True)
@@ -39,6 +37,7 @@ REGISTRY: dict[str, StageSpec] = {
     "evaluate": StageSpec("evaluation:evaluate_to_dir", "evaluation:EvalConfig"),
 }
 STATS_FILE = "stats.safetensors"
+VOLATILE_FILES = {"metrics.json"}
 
 
 def _import(ref: str, stage: str) -> Any:
@@ -73,7 +72,9 @@ def content_hash(model: str) -> str:
     if p.is_dir():
         manifest = p / MANIFEST
         if manifest.is_file():
-            return sha256_file(manifest)
+            # metrics.json holds timings: a bit-identical recomputed model must keep downstream keys stable
+            entries = json.loads(manifest.read_text())
+            return sha256_json({k: v["sha256"] for k, v in entries.items() if k not in VOLATILE_FILES})
         files = sorted(f for f in p.rglob("*") if f.is_file())
         return sha256_json({str(f.relative_to(p)): sha256_file(f) for f in files})
     if p.is_file():
@@ -95,8 +96,8 @@ def run_stage(stage: str, cfg_dict: dict[str, Any], inputs: dict[str, str], out_
     ``inputs`` holds paths: ``model`` always, ``stats`` for decompose. Calibration writes one file, so it is
     wrapped in an atomic dir here; the other stage functions write ``out_dir`` atomically themselves.
     """
-    if os.environ.get(FAULT_ENV) == stage:
-        raise FlowError(f"fault injected: {FAULT_ENV}={stage}; unset it to run the stage.")
+    faults.maybe_fail(stage)
+    faults.maybe_kill_midwrite(stage, Path(out_dir))
     fn = _import(REGISTRY[stage].function, stage)
     cfg = build_config(stage, cfg_dict)
     model = inputs["model"]

@@ -95,8 +95,8 @@ class Tracker:
         if exp is not None:
             return exp.experiment_id
         location = None
-        if not self.uri.startswith(("http://", "https://")):  # a server chooses its own artifact root
-            location = Path("mlartifacts").resolve().as_uri()
+        if self.uri.startswith("sqlite:///"):  # artifacts beside the db; a server chooses its own root
+            location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
         try:
             return self.client.create_experiment(name, artifact_location=location)
         except mlflow.exceptions.MlflowException:  # created concurrently by another run
