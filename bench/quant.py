@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
-from common import PPL_PROTOCOL, write_results  # noqa: I001  (bench/ is on sys.path)
+from common import PPL_PROTOCOL, RESULTS, write_results  # noqa: I001  (bench/ is on sys.path)
 
 from evaluation import perplexity
 from quant import QuantConfig, quantize_to_dir
@@ -92,6 +93,16 @@ def lord_dir(name: str, reduction: float, args, work: Path) -> Path:
     return out
 
 
+def merge_previous(records: list[dict], models: set[str]) -> list[dict]:
+    """Keep earlier records of *other* models (runs per model are separate on this shared CPU; every ratio
+    is still taken inside one model's run)."""
+    path = RESULTS / "quant.json"
+    if not path.is_file():
+        return records
+    old = json.loads(path.read_text()).get("records", [])
+    return [r for r in old if r.get("model") not in models] + records
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-0.5b"])
@@ -113,6 +124,7 @@ def main() -> None:
             base = lord_dir(name, args.lord_reduction, args, args.work)
             records += run_base(name, base, f"lord{int(args.lord_reduction * 100)}", args, split, ppl_dense,
                                 args.work)
+    records = merge_previous(records, {r["model"] for r in records})
     write_results("quant", {
         "heldout": "stdlib top-level *.py, path-hash split 25% held out", "split_digest": split.digest,
         **PPL_PROTOCOL, "bos": False, "calib_seqs": args.calib_seqs, "calib_seq_len": args.calib_len,

@@ -1,0 +1,120 @@
+"""Interop check: our dense GPTQ v1 checkpoints loaded by GPTQModel 7.6.0 and by transformers give our weights
+and logits.
+
+GPTQModel's CPU kernel (BACKEND.TORCH) runs in bfloat16 or float16 only, so the logits are compared with our
+loader in bfloat16 too, next to the bf16-vs-fp32 difference of our own model as the noise floor; the
+dequantized weights are compared directly (their bf16 scales are the only rounding).
+
+GPTQModel needs numpy 2.2 and would change the project venv, so this runs from a side venv that sees the
+project's packages (shared/STACK.md: 7.6.0 works on CPU with GPTQMODEL_CPU_WORKERS=2):
+
+    python3.11 -m venv /tmp/gvenv
+    echo $PWD/.venv/lib/python3.11/site-packages > /tmp/gvenv/lib/python3.11/site-packages/main.pth
+    /tmp/gvenv/bin/pip install --no-deps gptqmodel==7.6.0 Defuser Device-SMI LogBar PyPcre TokeNicer torchao==0.18.0 optimum
+    GPTQMODEL_CPU_WORKERS=2 flock /tmp/heavy.lock /tmp/gvenv/bin/python bench/quant_interop.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(k, "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from common import write_results  # noqa: E402
+
+from quant import QuantConfig, QuantLinear, load_quantized, quantize_to_dir  # noqa: E402
+from sources import code_split, token_stream  # noqa: E402
+
+MODEL = "smollm2-135m"
+CASES = {
+    "4bit_g128_sym": QuantConfig(bits=4, group_size=128, n_seqs=8, seq_len=256),
+    "4bit_g128_actorder_asym": QuantConfig(bits=4, group_size=128, act_order=True, sym=False, n_seqs=8, seq_len=256),
+    "8bit_perchannel": QuantConfig(bits=8, group_size=-1, n_seqs=8, seq_len=256),
+}
+
+
+def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def weight_rel_err(theirs: torch.nn.Module, ours: dict[str, torch.nn.Module]) -> tuple[float, int]:
+    """Worst per-layer max|W_theirs - W_ours| / max|W_ours| over the quantized linears both models hold."""
+    worst, n = 0.0, 0
+    for name, mod in theirs.named_modules():
+        if name in ours and hasattr(mod, "dequantize_weight"):
+            w = mod.dequantize_weight().float().T  # GPTQModel returns [in, out]
+            wo = ours[name].dequantize()
+            worst, n = max(worst, float((w - wo).abs().max() / wo.abs().max())), n + 1
+    return worst, n
+
+
+def load_gptqmodel(path: Path) -> torch.nn.Module:
+    from gptqmodel import BACKEND, GPTQModel
+
+    return GPTQModel.load(str(path), device="cpu", backend=BACKEND.TORCH, dtype=torch.bfloat16).model.eval()
+
+
+def load_transformers(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.bfloat16).eval()
+
+
+def main() -> None:
+    import gptqmodel
+
+    torch.manual_seed(0)
+    split = code_split()
+    records = []
+    work = Path(tempfile.mkdtemp(prefix="quant-interop-"))
+    for case, cfg in CASES.items():
+        out = work / case
+        quantize_to_dir(MODEL, cfg, out)
+        ours, tok = load_quantized(out)
+        ids = token_stream(tok, split.heldout, max_tokens=2 * 256).view(2, 256)
+        ref32 = logits_of(ours, ids)
+        qlins = {n: m for n, m in ours.named_modules() if isinstance(m, QuantLinear)}
+        ours16, _ = load_quantized(out, dtype=torch.bfloat16)
+        ref = logits_of(ours16, ids)
+        noise = rel(ref, ref32)
+        del ours16
+        for loader_name, loader in (("gptqmodel", load_gptqmodel), ("transformers", load_transformers)):
+            rec = {"model": MODEL, "case": case, "loader": loader_name, "bits": cfg.bits,
+                   "group_size": cfg.group_size, "act_order": cfg.act_order, "sym": cfg.sym,
+                   "ours_bf16_vs_fp32_logits_rel_err": round(noise, 5)}
+            try:
+                theirs = loader(out)
+                w_err, n_layers = weight_rel_err(theirs, qlins)
+                other = logits_of(theirs, ids)
+                rec.update({"weight_max_rel_err": round(w_err, 5), "n_layers_compared": n_layers,
+                            "logits_rel_err_vs_ours_bf16": round(rel(other, ref), 5),
+                            "argmax_agreement": float((other.argmax(-1) == ref.argmax(-1)).float().mean())})
+                rec["ok"] = w_err < 1e-2 and n_layers == len(qlins) and rec["logits_rel_err_vs_ours_bf16"] < 3 * noise
+            except Exception as e:  # record why a loader refused, do not hide it
+                rec.update({"ok": False, "error": f"{type(e).__name__}: {e}"[:400]})
+                traceback.print_exc()
+            print(rec)
+            records.append(rec)
+    write_results("quant_interop", {
+        "model": MODEL, "tokens": "2 x 256 held-out tokens", "ours": "quant.load_quantized (float32)",
+        "gptqmodel": f"gptqmodel {gptqmodel.__version__}, BACKEND.TORCH, cpu, float32",
+        "ok": "rel_err of logits < 1e-2 and argmax agreement > 99%",
+    }, records)
+
+
+if __name__ == "__main__":
+    main()
