@@ -60,7 +60,8 @@ class GramCollector:
             n = self._count[g.name]
             if n == 0:
                 raise LordError(f"group {g.name} saw no tokens: its hook never fired (is it on the forward path?)")
-            out[g.name] = GroupStats(self._sum[g.name].float(), (self._xsum[g.name] / n).float(), n)
+            # pop as we go: the fp64 sums of a 0.5B model are ~5 GB, never hold them twice
+            out[g.name] = GroupStats(self._sum.pop(g.name).float(), (self._xsum[g.name] / n).float(), n)
         return out
 
 

@@ -1,0 +1,193 @@
+"""LoRD vs plain SVD vs whitening, uniform vs budget vs auto rank plans, at 10/20/30% whole-model parameter
+reduction: held-out ppl, decomposition wall time, calibration overhead, forward-time ratio; one run per model.
+
+Run (heavy): flock /tmp/heavy.lock .venv/bin/python bench/lord.py --models smollm2-135m qwen2.5-coder-0.5b
+Records of models not named on the command line are kept from the previous results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import PPL_PROTOCOL, RESULTS, write_results  # noqa: I001  (bench/ is on sys.path)
+
+# this file is bench/lord.py: with bench/ first on sys.path, `import lord` would import this script itself
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import lord  # noqa: E402
+from evaluation import perplexity  # noqa: E402
+from sources import batches_digest, calibration_batches, code_split, load_model  # noqa: E402
+
+REDUCTIONS = (0.1, 0.2, 0.3)
+GRID = [("lord", "uniform"), ("lord", "budget"), ("lord", "auto"), ("whiten", "uniform"), ("whiten", "auto"),
+        ("svd", "uniform"), ("svd", "auto")]
+CALIB = {"smollm2-135m": (64, 512), "qwen2.5-coder-0.5b": (32, 512)}  # (n_seqs, seq_len)
+OVERHEAD_SEQS = 4  # sequences timed for the calibration overhead ratio (alternated with plain forwards)
+
+
+@torch.no_grad()
+def calibration_overhead(model, groups, ids: torch.Tensor, repeats: int = 2) -> dict:
+    """Median seconds of plain forwards vs forwards with the Gram hooks on the same tokens, alternated."""
+    plain, hooked = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(0, ids.shape[0], 4):
+            model(input_ids=ids[i:i + 4], use_cache=False)
+        plain.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        lord.collect_stats(model, groups, ids, batch_size=4, progress=False)
+        hooked.append(time.perf_counter() - t0)
+    p, h = statistics.median(plain), statistics.median(hooked)
+    return {"plain_forward_seconds": p, "calibration_forward_seconds": h, "calibration_overhead_ratio": h / p}
+
+
+def run_model(name: str, split) -> tuple[list[dict], dict]:
+    torch.manual_seed(0)
+    model, tok = load_model(name)
+    n_seqs, seq_len = CALIB[name]
+    ids = calibration_batches(tok, split.calibration, n_seqs=n_seqs, seq_len=seq_len, seed=0)
+    groups = lord.find_groups(model)
+    overhead = calibration_overhead(model, groups, ids[:OVERHEAD_SEQS])
+    print(name, overhead, flush=True)
+    t0 = time.perf_counter()
+    stats = lord.collect_stats(model, groups, ids, batch_size=4)
+    calib_seconds = time.perf_counter() - t0
+
+    dense = perplexity(model, tok, split.heldout, **PPL_PROTOCOL)
+    print(name, "dense ppl", dense.ppl, flush=True)
+    total = lord.count_params(model)
+    facts, fact_seconds = {}, {}
+    for method in ("lord", "whiten", "svd"):
+        t0 = time.perf_counter()
+        facts[method] = lord.factorize_groups(model, groups, stats, (method,))[method]
+        fact_seconds[method] = time.perf_counter() - t0
+        print(name, method, "factorize seconds", round(fact_seconds[method], 1), flush=True)
+    del stats
+    gc.collect()
+
+    records = []
+    for method, plan in GRID:
+        curves = {k: f.error_curve() for k, f in facts[method].items()}
+        for reduction in REDUCTIONS:
+            ranks = lord.rank_plan(groups, total, plan, reduction, curves)
+            factored = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            report = lord.apply_ranks(factored, groups, facts[method], ranks, total)
+            apply_seconds = time.perf_counter() - t0
+            res = perplexity(factored, tok, split.heldout, **PPL_PROTOCOL, progress=False)
+            m = report.metrics
+            rec = {
+                "model": name, "method": method, "plan": plan, "target_param_reduction": reduction,
+                "param_reduction": round(m["param_reduction"], 4),
+                "layer_param_reduction": round(m["layer_param_reduction"], 4),
+                "rank_reduction": round(m["rank_reduction_mean"], 4),
+                "n_groups_factored": m["n_groups_factored"], "n_groups": m["n_groups"],
+                "ppl": round(res.ppl, 4), "ppl_dense": round(dense.ppl, 4),
+                "ppl_increase": round(res.ppl / dense.ppl - 1, 4),
+                "rel_output_error_mean": round(m["rel_output_error_mean"], 4),
+                "decompose_seconds": round(fact_seconds[method] + apply_seconds, 2),
+                "forward_ratio": round(res.seconds / dense.seconds, 3),
+                "ratio_of": "held-out ppl pass seconds, factored / dense (same windows, same run)",
+                "params": m["params_total_factored"], "params_dense": total,
+            }
+            print(json.dumps(rec), flush=True)
+            records.append(rec)
+            del factored
+            gc.collect()
+    summary = {
+        "model": name, "params_dense": total, "ppl_dense": round(dense.ppl, 4),
+        "calibration": {"n_seqs": n_seqs, "seq_len": seq_len, "hash": batches_digest(ids),
+                        "seconds": round(calib_seconds, 2), **{k: round(v, 3) for k, v in overhead.items()}},
+        "factorize_seconds": {k: round(v, 2) for k, v in fact_seconds.items()},
+    }
+    return records, summary
+
+
+def compare(records: list[dict]) -> list[dict]:
+    """Targets of issue 3 per model and reduction: LoRD vs SVD ppl increase, auto vs uniform."""
+    key = {(r["model"], r["method"], r["plan"], r["target_param_reduction"]): r for r in records}
+    out = []
+    for (model, method, plan, red), r in sorted(key.items()):
+        if method != "lord" or plan != "auto":
+            continue
+        uni = key.get((model, "lord", "uniform", red))
+        svd = key.get((model, "svd", plan, red))
+        svd_uni = key.get((model, "svd", "uniform", red))
+        out.append({
+            "model": model, "target_param_reduction": red,
+            "lord_over_svd_ppl_increase_auto": round(r["ppl_increase"] / svd["ppl_increase"], 4) if svd else None,
+            "lord_over_svd_ppl_increase_uniform": (round(uni["ppl_increase"] / svd_uni["ppl_increase"], 4)
+                                                   if uni and svd_uni else None),
+            "auto_over_uniform_ppl_increase_lord": round(r["ppl_increase"] / uni["ppl_increase"], 4) if uni else None,
+        })
+    return out
+
+
+def plot(records: list[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for method in ("lord", "whiten", "svd"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for model in sorted({r["model"] for r in records}):
+            dense = next(r["ppl_dense"] for r in records if r["model"] == model)
+            for plan, style in (("uniform", "--o"), ("budget", ":s"), ("auto", "-^")):
+                pts = sorted((r["param_reduction"], r["ppl"]) for r in records
+                             if r["model"] == model and r["method"] == method and r["plan"] == plan)
+                if pts:
+                    ax.plot([0] + [p[0] for p in pts], [dense] + [p[1] for p in pts], style,
+                            label=f"{model} {plan}")
+        ax.set_yscale("log")
+        ax.set_xlabel("whole-model parameter reduction")
+        ax.set_ylabel("held-out ppl (stdlib, 16x512)")
+        ax.set_title(f"{method}: ppl vs parameter reduction")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        path = RESULTS / f"lord_ppl_{method}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path.name)
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-0.5b"])
+    args = ap.parse_args()
+    split = code_split()
+    prev = RESULTS / "lord.json"
+    records, summaries = [], []
+    if prev.is_file():
+        old = json.loads(prev.read_text())
+        records = [r for r in old.get("records", []) if r["model"] not in args.models]
+        summaries = [s for s in old.get("models", []) if s["model"] not in args.models]
+    for name in args.models:
+        recs, summary = run_model(name, split)
+        records += recs
+        summaries.append(summary)
+        protocol = {
+            "heldout": "stdlib top-level *.py, held-out split", "split_digest": split.digest, **PPL_PROTOCOL,
+            "calibration": {k: {"n_seqs": v[0], "seq_len": v[1]} for k, v in CALIB.items()},
+            "calibration_overhead": f"{OVERHEAD_SEQS} seqs, plain forward vs Gram hooks, alternated x2, median",
+            "reductions": list(REDUCTIONS), "grid": [list(g) for g in GRID], "damping_whiten": 0.01,
+            "param_reduction": "params removed / all model params (embeddings + head, tied counted once)",
+            "rank_reduction": "mean over factored groups of 1 - r/min(m, n)",
+            "note": "embedded weights were Q4-Q8 GGUF before we got them; dense = dequantized float32",
+        }
+        write_results("lord", protocol, records, models=summaries, comparisons=compare(records),
+                      figures=plot(records))
+
+
+if __name__ == "__main__":
+    main()

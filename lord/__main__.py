@@ -1,0 +1,3 @@
+from lord.cli import main
+
+main()
