@@ -108,12 +108,14 @@ class _Runner:
             current, name = lord["dir"], "lord"
             self._evaluate(name, current, self.cfgs["decompose"])
         if "quantize" in spec.enabled:
-            for b in sorted(spec.bits, reverse=True):
-                q = self._stage("quantize", f"quantize{b}", {"model": current}, label=f"quantize{b}")
-                self._evaluate(_join(name, f"gptq{b}"), q["dir"], self.cfgs[f"quantize{b}"])
+            base, base_name = current, name
+            for b in sorted(spec.bits, reverse=True):  # the narrowest width is what finetune starts from
+                q = self._stage("quantize", f"quantize{b}", {"model": base}, label=f"quantize{b}")
+                current, name = q["dir"], _join(base_name, f"gptq{b}")
+                self._evaluate(name, current, self.cfgs[f"quantize{b}"])
         if "finetune" in spec.enabled:
-            # QLoRA quantizes its frozen base to NF4 itself (Dettmers et al. 2023, sec. 3), so it starts from
-            # the float (decomposed) model; the GPTQ variants are the post-training-only comparison points.
+            # LoRA on the frozen quantized base recovers what compression lost (QLoRA, Dettmers et al. 2023);
+            # without a GPTQ stage the finetune stage quantizes its base to NF4 itself.
             data = self.cfgs["finetune"].get("data")  # hash the instruction file's content, not its path
             ft = self._stage("finetune", "finetune", {"model": current, **({"data": data} if data else {})})
             self._evaluate(_join(name, "qlora"), ft["dir"], self.cfgs["finetune"])

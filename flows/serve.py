@@ -36,11 +36,17 @@ def _bin(name: str) -> str:
     return str(exe) if exe.exists() else name
 
 
-def base_env(root: Path, prefect_port: int, mlflow_port: int) -> dict[str, str]:
+def serve_home(root: Path) -> Path:
+    """Where state, logs, the Prefect home and the MLflow store live: ``$LORD_SERVE_HOME`` or the checkout
+    (so the served MLflow UI shows the same ./mlflow.db that `lord run` writes)."""
+    return Path(os.environ.get("LORD_SERVE_HOME") or root).resolve()
+
+
+def base_env(root: Path, home: Path, prefect_port: int, mlflow_port: int) -> dict[str, str]:
     return {
         **os.environ,
         "PWD": str(root),
-        "PREFECT_HOME": str(root / ".prefect"),
+        "PREFECT_HOME": str(home / ".prefect"),
         "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
@@ -73,14 +79,15 @@ def start(root: Path, prefect_port: int | None = None, mlflow_port: int | None =
           deploy: bool = True) -> dict[str, Any]:
     """Start the three services (idempotent refusal if already running) and return the state dict."""
     root = root.resolve()
-    sdir = root / STATE_DIR
+    home = serve_home(root)
+    sdir = home / STATE_DIR
     state_file = sdir / "state.json"
     if state_file.is_file():
         raise FlowError(f"{state_file} exists: services already running (or a stale file); "
                         "run `lord serve --stop` first.")
-    sdir.mkdir(exist_ok=True)
+    sdir.mkdir(parents=True, exist_ok=True)
     pp, mp = prefect_port or free_port(), mlflow_port or free_port()
-    env = base_env(root, pp, mp)
+    env = base_env(root, home, pp, mp)
     state: dict[str, Any] = {"prefect_port": pp, "mlflow_port": mp, "pids": {},
                              "PREFECT_API_URL": env["PREFECT_API_URL"], "MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}
     try:
@@ -89,8 +96,8 @@ def start(root: Path, prefect_port: int | None = None, mlflow_port: int | None =
         state["pids"]["prefect_server"] = p.pid
         _save(state_file, state)
         mlog = sdir / "mlflow-server.log"
-        m = _spawn([_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                    "--artifacts-destination", str(root / "mlartifacts"), "--host", "127.0.0.1",
+        m = _spawn([_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+                    "--artifacts-destination", str(home / "mlartifacts"), "--host", "127.0.0.1",
                     "--port", str(mp), "--workers", "1"], env, root, mlog)
         state["pids"]["mlflow_server"] = m.pid
         _save(state_file, state)
@@ -118,8 +125,7 @@ def start(root: Path, prefect_port: int | None = None, mlflow_port: int | None =
 def stop(root: Path, timeout_seconds: float = 30.0) -> list[str]:
     """SIGTERM each service's process group by recorded PID: worker before servers (a server stopped first
     leaves the worker retrying). Escalates to SIGKILL after ``timeout_seconds``."""
-    root = root.resolve()
-    state_file = root / STATE_DIR / "state.json"
+    state_file = serve_home(root.resolve()) / STATE_DIR / "state.json"
     if not state_file.is_file():
         return []
     state = json.loads(state_file.read_text())
@@ -169,7 +175,7 @@ def describe(state: dict[str, Any], root: Path) -> str:
     return "\n".join([
         f"Prefect UI   http://127.0.0.1:{state['prefect_port']}",
         f"MLflow UI    http://127.0.0.1:{state['mlflow_port']}",
-        f"logs         {root / STATE_DIR}/*.log",
+        f"logs         {serve_home(root) / STATE_DIR}/*.log",
         "Use them from this shell:",
         f"  export PREFECT_API_URL={state['PREFECT_API_URL']} MLFLOW_TRACKING_URI={state['MLFLOW_TRACKING_URI']}",
         "  prefect deployment run lord-pipeline/default -p reduction=0.2 --watch",
