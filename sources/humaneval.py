@@ -25,9 +25,14 @@ class HumanEvalProblem:
     test: str
     entry_point: str
 
-    def program(self, completion: str) -> str:
-        """The program the sandbox runs: prompt + completion + the problem's tests + ``check(entry_point)``."""
-        return f"{self.prompt}{completion}\n\n{self.test}\n\ncheck({self.entry_point})\n"
+    def program(self, completion: str, strip_prompt: bool = False) -> str:
+        """The program the sandbox runs: prompt + completion + the problem's tests + ``check(entry_point)``.
+
+        ``strip_prompt``: the model saw the prompt without trailing whitespace (bigcode-evaluation-harness),
+        so its completion continues that text; canonical solutions continue the original prompt.
+        """
+        prompt = self.prompt.rstrip() if strip_prompt else self.prompt
+        return f"{prompt}{completion}\n\n{self.test}\n\ncheck({self.entry_point})\n"
 
 
 def humaneval_path() -> Path:
