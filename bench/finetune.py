@@ -67,14 +67,14 @@ def params_of(spec: str) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--reduction", type=float, default=0.2, help="LoRD whole-model parameter reduction")
     ap.add_argument("--plan", default="auto")
     ap.add_argument("--repeats", type=int, default=1, help="alternate dense/LoRD runs this many times")
     args = ap.parse_args()
     threads = torch.get_num_threads()
     cfg = FinetuneConfig(steps=args.steps, n_examples=2000, n_eval=32, max_seq_len=256, micro_batch_size=2,
-                         grad_accum_steps=4, lr=2e-4, warmup_steps=max(1, args.steps // 10),
+                         grad_accum_steps=2, lr=2e-4, warmup_steps=max(1, args.steps // 10),
                          eval_every=max(1, args.steps // 3), lora_r=16, lora_alpha=32, seed=0)
     t0 = time.perf_counter()
     bases = {"dense": args.model, "lord": str(lord_base(args.model, args.reduction, args.plan))}

@@ -54,7 +54,19 @@ def eval_loss(model: nn.Module, examples: list[dict[str, list[int]]], pad_id: in
 
 def train(model: nn.Module, train_examples: list[dict[str, list[int]]], eval_examples: list[dict[str, list[int]]],
           cfg: FinetuneConfig, pad_id: int, progress: bool = True) -> TrainResult:
-    """Train the trainable (LoRA) parameters of ``model`` in place for ``cfg.steps`` optimizer steps."""
+    """Train the trainable (LoRA) parameters of ``model`` in place for ``cfg.steps`` optimizer steps.
+
+    Runs with torch.compile forced eager: bitsandbytes' CPU NF4 dequantization is a ``torch.compile``'d
+    function specialised per weight shape, and a LoRD model has a different shape for almost every group
+    (per-group ranks), so it would recompile dozens of times, hit dynamo's recompile limit, and charge the
+    compiler's time and memory to the LoRD run only. Eager keeps dense and LoRD runs comparable.
+    """
+    with torch.compiler.set_stance("force_eager"):
+        return _train(model, train_examples, eval_examples, cfg, pad_id, progress)
+
+
+def _train(model: nn.Module, train_examples: list[dict[str, list[int]]], eval_examples: list[dict[str, list[int]]],
+           cfg: FinetuneConfig, pad_id: int, progress: bool) -> TrainResult:
     from transformers import (
         get_constant_schedule_with_warmup,
         get_cosine_schedule_with_warmup,
