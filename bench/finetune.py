@@ -50,7 +50,8 @@ def heldout_ppl(spec: str, files: list[Path]) -> float:
 def nf4_ppl(spec: str, cfg: FinetuneConfig, files: list[Path]) -> float:
     """Held-out ppl of the frozen NF4 base itself (what QLoRA starts from)."""
     model, tok = load_base(resolve_model_dir(spec), cfg)
-    ppl = perplexity(model, tok, files, PPL, progress=False).ppl
+    with torch.compiler.set_stance("force_eager"):  # as in training (see finetune.train)
+        ppl = perplexity(model, tok, files, PPL, progress=False).ppl
     del model
     gc.collect()
     return ppl
