@@ -47,6 +47,7 @@ def ppl_of(spec: str | Path, split) -> tuple[float, float]:
 
 def run_base(name: str, base: str | Path, base_label: str, args, split, ppl_dense: float, work: Path) -> list[dict]:
     """The float base and every quantized variant of it, as records."""
+    group_size = args.group_size or auto_group_size(name)
     ppl_base, _ = ppl_of(base, split)
     size_base = dir_mb(resolve_model_dir(base) if isinstance(base, str) else base)
     records = [{"model": name, "base": base_label, "variant": "fp32", "method": "none", "bits": 32,
@@ -54,7 +55,7 @@ def run_base(name: str, base: str | Path, base_label: str, args, split, ppl_dens
                 "ppl_increase": round(ppl_base / ppl_dense - 1, 5), "size_mb": round(size_base, 1)}]
     print(records[-1])
     for variant, method, bits, thr in VARIANTS:
-        cfg = QuantConfig(bits=bits, group_size=args.group_size, method=method, outlier_threshold=thr,
+        cfg = QuantConfig(bits=bits, group_size=group_size, method=method, outlier_threshold=thr,
                           n_seqs=args.calib_seqs, seq_len=args.calib_len, act_order=args.act_order)
         out = work / f"{name}-{base_label}-{variant}"
         t0 = time.perf_counter()
@@ -62,7 +63,7 @@ def run_base(name: str, base: str | Path, base_label: str, args, split, ppl_dens
         stage_seconds = time.perf_counter() - t0
         ppl, _ = ppl_of(out, split)
         rec = {"model": name, "base": base_label, "variant": variant, "method": method, "bits": bits,
-               "group_size": args.group_size, "act_order": args.act_order, "outlier_threshold": thr,
+               "group_size": group_size, "act_order": args.act_order, "outlier_threshold": thr,
                "ppl": round(ppl, 4), "ppl_base": round(ppl_base, 4), "ppl_dense": round(ppl_dense, 4),
                "ppl_increase": round(ppl / ppl_base - 1, 5), "size_mb": round(metrics["size_mb"], 1),
                "size_ratio_vs_fp32": round(metrics["size_mb"] / size_base, 4),
@@ -81,6 +82,16 @@ def run_base(name: str, base: str | Path, base_label: str, args, split, ppl_dens
     return records
 
 
+def auto_group_size(name: str) -> int:
+    """Largest of 128/64/32 dividing the dense model's decoder input dims (hidden, MLP): SmolLM2's 576 is not
+    a multiple of 128. LoRD ranks need not divide it (their last group is shorter)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(resolve_model_dir(name))
+    dims = {cfg.hidden_size, cfg.intermediate_size or 4 * cfg.hidden_size}
+    return next((g for g in (128, 64, 32) if all(d % g == 0 for d in dims)), -1)
+
+
 def lord_dir(name: str, reduction: float, args, work: Path) -> Path:
     from lord.config import CalibConfig, DecomposeConfig
     from lord.stages import collect_stats_to_file, decompose_to_dir
@@ -93,10 +104,10 @@ def lord_dir(name: str, reduction: float, args, work: Path) -> Path:
     return out
 
 
-def merge_previous(records: list[dict], models: set[str]) -> list[dict]:
+def merge_previous(name: str, records: list[dict], models: set[str]) -> list[dict]:
     """Keep earlier records of *other* models (runs per model are separate on this shared CPU; every ratio
     is still taken inside one model's run)."""
-    path = RESULTS / "quant.json"
+    path = RESULTS / f"{name}.json"
     if not path.is_file():
         return records
     old = json.loads(path.read_text()).get("records", [])
@@ -106,13 +117,15 @@ def merge_previous(records: list[dict], models: set[str]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-0.5b"])
-    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="default: 128 if it divides every quantized input dim of the model, else 64, 32, -1")
     ap.add_argument("--act-order", action="store_true")
     ap.add_argument("--calib-seqs", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--lord-reduction", type=float, default=None)
     ap.add_argument("--lord-models", nargs="*", default=None, help="models to factor (default: all --models)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lord-bench-quant"))
+    ap.add_argument("--name", default="quant", help="results file name (smoke runs: something else)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     split = code_split()
@@ -124,11 +137,12 @@ def main() -> None:
             base = lord_dir(name, args.lord_reduction, args, args.work)
             records += run_base(name, base, f"lord{int(args.lord_reduction * 100)}", args, split, ppl_dense,
                                 args.work)
-    records = merge_previous(records, {r["model"] for r in records})
-    write_results("quant", {
+    records = merge_previous(args.name, records, {r["model"] for r in records})
+    write_results(args.name, {
         "heldout": "stdlib top-level *.py, path-hash split 25% held out", "split_digest": split.digest,
         **PPL_PROTOCOL, "bos": False, "calib_seqs": args.calib_seqs, "calib_seq_len": args.calib_len,
-        "group_size": args.group_size, "act_order": args.act_order, "sym": True, "damp_percent": 0.01,
+        "group_size": args.group_size or "auto: 128 if it divides the hidden and MLP dims, else 64",
+        "act_order": args.act_order, "sym": True, "damp_percent": 0.01,
         "quantized": "every nn.Linear inside the decoder layers (LoRD: both factors); embeddings and head "
                      "stay float16 in the checkpoint",
         "lord_reduction": args.lord_reduction,
