@@ -4,6 +4,7 @@ an artifact dir. This is what the pipeline runs after every stage that produced 
 from __future__ import annotations
 
 import gc
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,16 +68,22 @@ def evaluate_to_dir(model: str, cfg: EvalConfig, out_dir: Path) -> dict[str, Any
     }
     del net
     gc.collect()
-    with atomic_dir(Path(out_dir)) as tmp:
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
         if cfg.humaneval_problems:
+            from .generate import GenerationConfig
             from .humaneval import HumanEvalConfig, humaneval_to_dir
 
-            he_cfg = HumanEvalConfig(limit=cfg.humaneval_problems, n_samples=cfg.humaneval_n,
-                                     temperature=cfg.humaneval_temperature,
-                                     max_new_tokens=cfg.humaneval_max_new_tokens,
-                                     batch_size=cfg.humaneval_batch_size, allow_execution=cfg.allow_execution,
-                                     device=cfg.device)
-            metrics.update(humaneval_to_dir(model, he_cfg, tmp / "humaneval"))
+            gen = GenerationConfig(max_new_tokens=cfg.humaneval_max_new_tokens, batch_size=cfg.humaneval_batch_size,
+                                   n_samples=cfg.humaneval_n, temperature=cfg.humaneval_temperature)
+            ks = tuple(k for k in (1, 10, 100) if k <= cfg.humaneval_n)
+            he_cfg = HumanEvalConfig(limit=cfg.humaneval_problems, ks=ks, generation=gen,
+                                     allow_execution=cfg.allow_execution)
+            # beside out_dir, not inside the temp dir: its partial completions survive a crash and resume
+            he_dir = out_dir.with_name(f"{out_dir.name}.humaneval")
+            metrics.update(humaneval_to_dir(model, he_cfg, he_dir))
+            shutil.copytree(he_dir, tmp / "humaneval")
+            shutil.rmtree(he_dir, ignore_errors=True)
         metrics["seconds"] = time.perf_counter() - t0
         write_json_atomic(tmp / "metrics.json", metrics)
         write_json_atomic(tmp / "config.json", cfg.to_dict())
