@@ -13,6 +13,7 @@ One run measures, on the same model load:
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 import time
@@ -34,12 +35,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--limit", type=int, default=40, help="first N of the 164 problems")
-    ap.add_argument("--compare", type=int, default=8, help="problems generated both batched and unbatched")
+    ap.add_argument("--budget-minutes", type=float, default=25.0,
+                    help="stop starting new batches after this much generation time; the subset is reported")
+    ap.add_argument("--compare", type=int, default=6, help="problems generated both batched and unbatched")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=384)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/lord-bench-humaneval"))
+    ap.add_argument("--stop-by", default=None, help="UTC wall clock HH:MM after which no new batch starts")
     args = ap.parse_args()
+    stop_by = None
+    if args.stop_by:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        hh, mm = map(int, args.stop_by.split(":"))
+        stop_by = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
 
@@ -65,10 +74,19 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     rest_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    t0 = time.perf_counter()
-    rest_out = generate_completions(model, tok, rest, rest_cfg, args.work / f"rest-{args.limit}.jsonl") if rest else []
-    rest_s = time.perf_counter() - t0
+    rest_out, rest_s, items = [], 0.0, list(rest.items())
+    for b in range(0, len(items), args.batch_size):
+        late = stop_by is not None and datetime.datetime.now(datetime.timezone.utc) > stop_by
+        if late or batched_s + single_s + rest_s > 60 * args.budget_minutes:
+            print(f"generation budget of {args.budget_minutes} min used: stopping at {len(head) + b} problems")
+            break
+        t0 = time.perf_counter()
+        rest_out += generate_completions(model, tok, dict(items[b : b + args.batch_size]), rest_cfg,
+                                         args.work / f"rest-{args.max_new_tokens}.jsonl", progress=False)
+        rest_s += time.perf_counter() - t0
+        print(f"{len(head) + len(rest_out)} problems generated, {batched_s + single_s + rest_s:.0f} s", flush=True)
     completions = batched + rest_out
+    problems = problems[: len(completions)]
 
     box = Sandbox(SandboxConfig(workers=args.workers), allow_execution=True)
     t0 = time.perf_counter()
