@@ -78,6 +78,7 @@ class StopOnSequences(transformers.StoppingCriteria):
     def __init__(self, tokenizer: Any, prompt_len: int, stops: Sequence[str], tail_tokens: int = 12) -> None:
         self.tok, self.prompt_len, self.stops, self.tail = tokenizer, prompt_len, tuple(stops), tail_tokens
         self.done: torch.Tensor | None = None
+        self.n_generated: dict[int, int] = {}  # row -> tokens generated when its stop sequence appeared
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         if self.done is None:
@@ -87,6 +88,7 @@ class StopOnSequences(transformers.StoppingCriteria):
         for i, text in enumerate(tails):
             if not self.done[i] and any(s in text for s in self.stops):
                 self.done[i] = True
+                self.n_generated[i] = input_ids.shape[1] - self.prompt_len
         return self.done.clone()
 
 
@@ -152,8 +154,8 @@ def _generate_batch(model: torch.nn.Module, tok: Any, texts: list[str], cfg: Gen
                          stopping_criteria=transformers.StoppingCriteriaList([stop]))
     seconds = time.perf_counter() - t0
     results = []
-    for row in out[:, prompt_len:].tolist():
-        n_new, finish = _row_length(row, eos, pad)
+    for i, row in enumerate(out[:, prompt_len:].tolist()):
+        n_new, finish = (stop.n_generated[i], "stop") if i in stop.n_generated else _row_length(row, eos)
         text = tok.decode(row[:n_new], skip_special_tokens=True)
         completion = truncate_at_stop(text, cfg.stop_sequences)
         if completion != text:
@@ -163,15 +165,12 @@ def _generate_batch(model: torch.nn.Module, tok: Any, texts: list[str], cfg: Gen
     return results
 
 
-def _row_length(row: list[int], eos: list[int], pad: int) -> tuple[int, str]:
-    """Generated tokens of one row up to and including its first EOS (the rest is padding)."""
+def _row_length(row: list[int], eos: list[int]) -> tuple[int, str]:
+    """Generated tokens of a row not stopped by a stop sequence: up to and including its first EOS."""
     for i, t in enumerate(row):
         if t in eos:
             return i + 1, "eos"
-    n = len(row)
-    while n and row[n - 1] == pad:  # rows stopped by a stop sequence are padded after it
-        n -= 1
-    return n, "length"
+    return len(row), "length"
 
 
 def _eos_ids(model: torch.nn.Module, tok: Any) -> list[int]:
