@@ -181,3 +181,17 @@ def test_batched_greedy_matches_unbatched_smollm2() -> None:
         torch.set_num_threads(threads)
     assert [r["completion"] for r in batched] == [r["completion"] for r in single]
     assert all(r["completion"].strip() for r in batched)
+
+
+def test_cli_needs_the_opt_in_flag(tmp_path, capsys) -> None:
+    from evaluation.humaneval_cli import main
+
+    base = ["--model", "tinycoder-random", "--out", str(tmp_path / "he"), "--limit", "2", "--max-new-tokens", "4"]
+    with pytest.raises(EvalError, match="allow-code-execution"):
+        main(base)
+    assert not (tmp_path / "he").exists()
+    with pytest.raises(EvalError, match="n_samples"):
+        main([*base, "--n", "3", "--allow-code-execution"])  # greedy with 3 samples
+    assert main([*base, "--allow-code-execution"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_problems"] == 2
+    assert len(read_jsonl(tmp_path / "he" / "results.jsonl")) == 2
