@@ -4,7 +4,9 @@ Layers, each enough on its own for the attacks it covers (the guard is defence i
 
 - a fresh ``python -I -S`` process per program (never a fork of the evaluator), in its own session, so the
   whole process group is killed on timeout; leftovers that escaped the group are swept by uid;
-- when root: a private network namespace (``unshare --net``: only a down loopback) and a dedicated
+- when root: a private network namespace (``unshare --net``: only a down loopback), a private mount
+  namespace where the working dir and every world-writable dir are fresh size-capped tmpfs (writes never
+  reach the host disk and vanish with the process), and a dedicated
   unprivileged uid per parallel slot (kernel-enforced: no writes outside the private dir, no signals to the
   evaluator, RLIMIT_NPROC against fork bombs, no reading ``/proc/<evaluator>/environ``);
 - rlimits: CPU seconds, address space, file size, open files, processes, no core dumps;
@@ -58,6 +60,8 @@ class SandboxConfig:
     guard: bool = True
     isolate_network: bool = True
     drop_privileges: bool = True
+    private_mounts: bool = True
+    tmpfs_mb: int = 64
     uid_base: int = 61000
     uid_slots: int = 256
 
@@ -73,6 +77,7 @@ class SandboxConfig:
             ("workers", isinstance(self.workers, int) and self.workers >= 1, "an int >= 1"),
             ("uid_base", 1000 <= self.uid_base < 2**31 - self.uid_slots, "in [1000, 2^31 - uid_slots)"),
             ("uid_slots", self.uid_slots >= 1, ">= 1"),
+            ("tmpfs_mb", isinstance(self.tmpfs_mb, int) and self.tmpfs_mb >= 4, "an int >= 4"),
         ]
         for field, ok, expected in checks:
             if not ok:
@@ -117,7 +122,8 @@ class Sandbox:
         self.cfg = cfg or SandboxConfig()
         self.is_root = os.geteuid() == 0
         self.privileged = self.is_root and self.cfg.drop_privileges
-        self.netns = self.cfg.isolate_network and self.is_root and _unshare_net_works()
+        self.netns = self.cfg.isolate_network and self.is_root and _unshare_works("--net")
+        self.mountns = self.cfg.private_mounts and self.privileged and _unshare_works("--mount")
         self.python = _interpreter(world_readable=self.privileged)
         self._uids = _UidPool(self.cfg.uid_base, self.cfg.uid_slots) if self.privileged else None
 
@@ -126,6 +132,7 @@ class Sandbox:
         return {
             "privilege_drop": self.privileged,
             "network_namespace": self.netns,
+            "private_tmpfs_mounts": self.mountns,
             "network_blocked_by_guard": self.cfg.guard and not self.netns,
             "guard": self.cfg.guard,
             "python": self.python,
@@ -161,10 +168,12 @@ class Sandbox:
                 "cpu_seconds": cfg.cpu_seconds, "memory_bytes": cfg.memory_mb << 20,
                 "file_bytes": cfg.max_file_mb << 20, "max_open_files": cfg.max_open_files,
                 "max_processes": cfg.max_processes, "guard": cfg.guard, "block_network": not self.netns,
+                "private_mounts": self.mountns, "workdir": str(workdir), "tmpfs_mb": cfg.tmpfs_mb,
             }
             cmd = [self.python, "-I", "-S", str(CHILD), json.dumps(spec)]
-            if self.netns:
-                cmd = ["unshare", "--net", "--", *cmd]
+            namespaces = ["--net"] * self.netns + ["--mount", "--propagation", "private"] * self.mountns
+            if namespaces:
+                cmd = ["unshare", *namespaces, "--", *cmd]
             env = {"PATH": "/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir), "LANG": "C.UTF-8",
                    "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
             try:
@@ -315,11 +324,11 @@ def _is_zombie(proc_dir: str) -> bool:
 
 
 @functools.cache
-def _unshare_net_works() -> bool:
+def _unshare_works(flag: str) -> bool:
     if shutil.which("unshare") is None:
         return False
     try:
-        return subprocess.run(["unshare", "--net", "--", "true"], capture_output=True, timeout=10).returncode == 0
+        return subprocess.run(["unshare", flag, "--", "true"], capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 

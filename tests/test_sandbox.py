@@ -99,6 +99,10 @@ ATTACKS = {
     "kill_parent": ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n", {"failed"}),
     "stdout_1gb": ("import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024):\n    sys.stdout.write(chunk)\n",
                    {"passed", "timeout"}),
+    "write_world_writable": (
+        "for d in ('/tmp', '/var/tmp', '/dev/shm'):\n    open(d + '/lord-escape-marker', 'w').write('x')\n",
+        {"passed"},  # allowed, but into private tmpfs mounts that vanish with the process
+    ),
     "write_big_file": ("with open('big', 'wb') as f:\n    f.write(b'x' * (64 << 20))\n", {"failed", "killed"}),
 }
 
@@ -133,6 +137,8 @@ def test_adversarial_battery_is_contained(guard: bool, decoy: Path) -> None:
     assert sorted(p.name for p in decoy.iterdir()) == [f"precious{i}.txt" for i in range(3)]
     assert all((decoy / f"precious{i}.txt").read_text() == f"keep me {i}\n" for i in range(3))
     assert stat.S_IMODE(decoy.stat().st_mode) == 0o755
+    if box.mountns:
+        assert not [d for d in ("/tmp", "/var/tmp", "/dev/shm") if Path(d, "lord-escape-marker").exists()]
 
 
 @pytest.mark.parametrize("guard", [True, False], ids=["guard", "kernel-only"])
