@@ -246,3 +246,21 @@ def test_real_model_few_steps_reduce_loss(tmp_path):
     ids = tok(["def add(a, b):\n    return a + b"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_early_stop_keeps_best_adapter(tiny_dir, data_file):
+    """A diverging run (absurd lr) stops after `patience` worse evals and restores the best (initial) adapter."""
+    from finetune import train
+    from finetune.data import load_instructions
+
+    cfg = small_cfg(data_file, steps=20, lr=50.0, warmup_steps=0, eval_every=1, early_stop_patience=2,
+                    scheduler="constant")
+    model, tok = load_base(tiny_dir, cfg)
+    model = attach_lora(model, cfg)
+    split = tokenize_split(load_instructions(data_file), tok, cfg.max_seq_len, cfg.n_eval, cfg.seed)
+    res = train(model, split.train, split.eval, cfg, tok.pad_token_id, progress=False)
+    assert res.stopped_early and res.steps_done < 20
+    from finetune.train import eval_loss
+
+    assert eval_loss(model, split.eval, tok.pad_token_id, 2) == pytest.approx(res.eval_loss_after, rel=1e-5)
+    assert res.eval_loss_after == min(loss for _, loss in res.eval_history)
