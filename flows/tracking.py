@@ -8,12 +8,15 @@ server that does not answer is reported before any compute starts.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +73,22 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    """Serialise first use of a sqlite store across processes: two runs creating the same fresh mlflow.db
+    race in its alembic migrations ("table _alembic_tmp_experiments already exists"; measured here)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    with open(db.with_name(f".{db.name}.init.lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def mlflow_key(name: str) -> str:
     """MLflow keys allow alphanumerics and ``_-. :/``; variant names like ``lord+gptq4`` use ``+``."""
     return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)
@@ -86,8 +105,9 @@ class Tracker:
     def __init__(self, experiment: str = DEFAULT_EXPERIMENT, uri: str | None = None) -> None:
         self.uri = uri or tracking_uri()
         check_reachable(self.uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self._experiment(experiment)
+        with _sqlite_init_lock(self.uri):
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self.experiment_id = self._experiment(experiment)  # first use creates/migrates the store
         self.parent_id: str | None = None
 
     def _experiment(self, name: str) -> str:
