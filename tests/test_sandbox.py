@@ -6,10 +6,8 @@ The battery runs twice: with the in-process guard (defence in depth) and without
 
 from __future__ import annotations
 
-import os
 import resource
 import socket
-import stat
 import tempfile
 from pathlib import Path
 
@@ -17,25 +15,11 @@ import pytest
 
 from evaluation.errors import EvalError
 from evaluation.sandbox import Sandbox, SandboxConfig
+from evaluation.sandbox_attacks import ATTACKS, run_attack_battery
 from sources.humaneval import N_PROBLEMS, load_humaneval
 
 FAST = {"wall_seconds": 6.0, "cpu_seconds": 2, "workers": 2}
 SECRET = "lord-fake-secret-7d1f0c"
-
-
-def _uid_processes(cfg: SandboxConfig) -> list[int]:
-    """Live (non-zombie) processes owned by any sandbox uid."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if cfg.uid_base <= entry.stat().st_uid < cfg.uid_base + cfg.uid_slots:
-                    state = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[0]
-                    if state not in ("Z", "X"):
-                        pids.append(int(entry.name))
-            except (FileNotFoundError, IndexError):
-                continue
-    return pids
 
 
 @pytest.fixture
@@ -85,60 +69,25 @@ def test_wrong_completions_fail_and_early_exit_is_not_success() -> None:
     assert "SyntaxError" in results[-1].reason
 
 
-ATTACKS = {
-    "infinite_loop": ("while True:\n    pass\n", {"timeout"}),
-    "sleep_forever": ("import time\ntime.sleep(1000)\n", {"timeout"}),
-    "fork_bomb": (
-        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
-        {"timeout", "failed", "killed"},
-    ),
-    "escape_session": (
-        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(1000)\n", {"failed", "passed"}
-    ),
-    "memory_hog_10gb": ("x = bytearray(10 * 2**30)\n", {"failed"}),
-    "kill_parent": ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n", {"failed"}),
-    "stdout_1gb": ("import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024):\n    sys.stdout.write(chunk)\n",
-                   {"passed", "timeout"}),
-    "write_world_writable": (
-        "for d in ('/tmp', '/var/tmp', '/dev/shm'):\n    open(d + '/lord-escape-marker', 'w').write('x')\n",
-        {"passed"},  # allowed, but into private tmpfs mounts that vanish with the process
-    ),
-    "write_big_file": ("with open('big', 'wb') as f:\n    f.write(b'x' * (64 << 20))\n", {"failed", "killed"}),
-}
-
-
-def _decoy_attacks(decoy: Path) -> dict[str, tuple[str, set[str]]]:
-    return {
-        "rm_rf_decoy": (
-            f"import os, shutil\nos.system('rm -rf {decoy} ~')\nshutil.rmtree({str(decoy)!r})\n", {"failed"}
-        ),
-        "overwrite_decoy": (f"open({str(decoy / 'precious0.txt')!r}, 'w').write('pwned')\n", {"failed"}),
-        "unlink_decoy": (f"import os\nos.unlink({str(decoy / 'precious1.txt')!r})\n", {"failed"}),
-    }
-
-
 @pytest.mark.parametrize("guard", [True, False], ids=["guard", "kernel-only"])
-def test_adversarial_battery_is_contained(guard: bool, decoy: Path) -> None:
+def test_adversarial_battery_is_contained(guard: bool) -> None:
+    """Loop, fork bomb, session escape, 10 GB, kill parent, 1 GB stdout, big files, decoy deletion, secrets,
+    sockets: every attack handled with a reason, decoy intact, no leftovers (sandbox_attacks.py)."""
     cfg = SandboxConfig(guard=guard, max_output_bytes=4096, **FAST)
-    box = Sandbox(cfg, allow_execution=True)
-    attacks = {**ATTACKS, **_decoy_attacks(decoy)}
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    results = dict(zip(attacks, box.run_many([code for code, _ in attacks.values()], progress=False), strict=True))
-    report = {name: (r.status, r.reason) for name, r in results.items()}
-    for name, (_, allowed) in attacks.items():
-        assert results[name].status in allowed, (name, report[name])
-        assert results[name].reason, name
-    # the evaluator is alive (we are running), did not buffer the gigabyte, and nothing of the sandbox is left
+    records = {r["attack"]: r for r in run_attack_battery(cfg)}
+    assert set(records) == set(ATTACKS)
+    failing = {name: (r["status"], r["reason"], r["checks"]) for name, r in records.items() if not r["contained"]}
+    assert failing == {}
+    # the evaluator did not buffer the gigabyte, and the kernel (not only the guard) stopped the worst ones
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 200 * 1024  # KiB
-    big = results["stdout_1gb"]
-    assert big.output_truncated and len(big.output) <= 4096 and big.output_bytes > 4096
-    assert results["memory_hog_10gb"].reason.startswith("MemoryError")
-    assert _uid_processes(cfg) == []
-    assert sorted(p.name for p in decoy.iterdir()) == [f"precious{i}.txt" for i in range(3)]
-    assert all((decoy / f"precious{i}.txt").read_text() == f"keep me {i}\n" for i in range(3))
-    assert stat.S_IMODE(decoy.stat().st_mode) == 0o755
-    if box.mountns:
-        assert not [d for d in ("/tmp", "/var/tmp", "/dev/shm") if Path(d, "lord-escape-marker").exists()]
+    big = records["stdout_1gb"]
+    assert big["output_truncated"] and big["output_bytes"] > 4096
+    assert records["memory_hog_10gb"]["reason"].startswith("MemoryError")
+    assert records["infinite_loop"]["status"] == "timeout"
+    if not guard:
+        assert "Permission" in records["kill_parent"]["reason"]  # EPERM from the kernel: another uid
+        assert "Permission" in records["overwrite_decoy"]["reason"]
 
 
 @pytest.mark.parametrize("guard", [True, False], ids=["guard", "kernel-only"])

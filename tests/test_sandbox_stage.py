@@ -17,6 +17,7 @@ import pytest
 from evaluation.generate import GenerationConfig, append_jsonl, read_jsonl
 from evaluation.humaneval import HumanEvalConfig, humaneval_to_dir, resume_key
 from evaluation.sandbox import SandboxConfig
+from evaluation.sandbox_attacks import decoy_parent
 from sources.humaneval import load_humaneval
 
 SECRET = "lord-stage-secret-93b2e1"
@@ -29,7 +30,7 @@ def _body(code: str) -> str:
 
 def test_attack_battery_through_the_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORD_FAKE_TOKEN", SECRET)
-    decoy = Path(tempfile.mkdtemp(prefix="lord-decoy-"))
+    decoy = Path(tempfile.mkdtemp(prefix="lord-decoy-", dir=decoy_parent()))  # visible inside the sandbox
     decoy.chmod(0o755)
     (decoy / "keep.txt").write_text("keep\n")
     (decoy / "keep.txt").chmod(0o644)
