@@ -25,10 +25,10 @@ from quant import QuantConfig, quantize_to_dir
 from sources import code_split, load_model, resolve_model_dir
 
 # (variant, method, bits, outlier_threshold); group size and calibration are shared (--group-size, --calib-*)
-VARIANTS = [
-    ("gptq8", "gptq", 8, None),
-    ("gptq4", "gptq", 4, None),
+VARIANTS = [  # cheapest first: a run cut short on the shared CPU keeps the RTN-4 / GPTQ-4 comparison
     ("rtn4", "rtn", 4, None),
+    ("gptq4", "gptq", 4, None),
+    ("gptq8", "gptq", 8, None),
     ("gptq4_outliers", "gptq", 4, 0.2),
 ]
 
@@ -45,8 +45,10 @@ def ppl_of(spec: str | Path, split) -> tuple[float, float]:
     return res.ppl, res.seconds
 
 
-def run_base(name: str, base: str | Path, base_label: str, args, split, ppl_dense: float, work: Path) -> list[dict]:
-    """The float base and every quantized variant of it, as records."""
+def run_base(name: str, base: str | Path, base_label: str, args, split, ppl_dense: float, work: Path,
+             save) -> list[dict]:
+    """The float base and every chosen quantized variant of it, as records (``save`` after each one, so a
+    run cut short on the shared CPU still leaves its finished points)."""
     group_size = args.group_size or auto_group_size(name)
     ppl_base, _ = ppl_of(base, split)
     size_base = dir_mb(resolve_model_dir(base) if isinstance(base, str) else base)
@@ -54,7 +56,10 @@ def run_base(name: str, base: str | Path, base_label: str, args, split, ppl_dens
                 "ppl": round(ppl_base, 4), "ppl_dense": round(ppl_dense, 4),
                 "ppl_increase": round(ppl_base / ppl_dense - 1, 5), "size_mb": round(size_base, 1)}]
     print(records[-1])
+    save(records)
     for variant, method, bits, thr in VARIANTS:
+        if variant not in args.variants:
+            continue
         cfg = QuantConfig(bits=bits, group_size=group_size, method=method, outlier_threshold=thr,
                           n_seqs=args.calib_seqs, seq_len=args.calib_len, act_order=args.act_order)
         out = work / f"{name}-{base_label}-{variant}"
@@ -74,12 +79,17 @@ def run_base(name: str, base: str | Path, base_label: str, args, split, ppl_dens
         print(rec)
         records.append(rec)
         shutil.rmtree(out, ignore_errors=True)
-    by = {r["variant"]: r for r in records}
-    rtn = by["rtn4"]["ppl_increase"]
-    for r in records:
-        if r["variant"].startswith("gptq4"):
-            r["ppl_increase_ratio_vs_rtn4"] = round(r["ppl_increase"] / rtn, 4) if rtn > 0 else None
+        add_ratios(records)
+        save(records)
     return records
+
+
+def add_ratios(records: list[dict]) -> None:
+    """GPTQ-4 ppl increase over RTN-4's, both measured in this run on the same base."""
+    rtn = next((r["ppl_increase"] for r in records if r["variant"] == "rtn4"), None)
+    for r in records:
+        if r["variant"].startswith("gptq4") and rtn is not None:
+            r["ppl_increase_ratio_vs_rtn4"] = round(r["ppl_increase"] / rtn, 4) if rtn > 0 else None
 
 
 def auto_group_size(name: str) -> int:
@@ -126,17 +136,25 @@ def main() -> None:
     ap.add_argument("--lord-models", nargs="*", default=None, help="models to factor (default: all --models)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lord-bench-quant"))
     ap.add_argument("--name", default="quant", help="results file name (smoke runs: something else)")
+    ap.add_argument("--variants", nargs="+", default=[v[0] for v in VARIANTS], choices=[v[0] for v in VARIANTS])
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     split = code_split()
-    records = []
+    done: list[dict] = []
+
+    def save(current: list[dict]) -> None:
+        write(args, split, done + current)
+
     for name in args.models:
         ppl_dense, _ = ppl_of(name, split)
-        records += run_base(name, name, "dense", args, split, ppl_dense, args.work)
+        done += run_base(name, name, "dense", args, split, ppl_dense, args.work, save)
         if args.lord_reduction and (args.lord_models is None or name in args.lord_models):
             base = lord_dir(name, args.lord_reduction, args, args.work)
-            records += run_base(name, base, f"lord{int(args.lord_reduction * 100)}", args, split, ppl_dense,
-                                args.work)
+            done += run_base(name, base, f"lord{int(args.lord_reduction * 100)}", args, split, ppl_dense,
+                             args.work, save)
+
+
+def write(args, split, records: list[dict]) -> None:
     records = merge_previous(args.name, records, {r["model"] for r in records})
     write_results(args.name, {
         "heldout": "stdlib top-level *.py, path-hash split 25% held out", "split_digest": split.digest,
@@ -150,6 +168,7 @@ def main() -> None:
         "note": "embedded weights were Q4-Q8 GGUF (the 0.5B from an int4 AWQ release) before we got them; "
                 "dense = dequantized float32, so 4-bit grids look unusually harmless on the 0.5B",
         "torch_threads": torch.get_num_threads(),
+        "variants": {v[0]: {"method": v[1], "bits": v[2], "outlier_threshold": v[3]} for v in VARIANTS},
     }, records)
 
 
