@@ -48,7 +48,8 @@ def calibration_overhead(model, groups, ids: torch.Tensor, repeats: int = 2) -> 
     return {"plain_forward_seconds": p, "calibration_forward_seconds": h, "calibration_overhead_ratio": h / p}
 
 
-def run_model(name: str, split) -> tuple[list[dict], dict]:
+def run_model(name: str, split, grid: list[tuple[str, str]], reductions: tuple[float, ...],
+              ppl_protocol: dict, on_record=lambda recs, summary: None) -> tuple[list[dict], dict]:
     torch.manual_seed(0)
     model, tok = load_model(name)
     n_seqs, seq_len = CALIB[name]
@@ -60,11 +61,11 @@ def run_model(name: str, split) -> tuple[list[dict], dict]:
     stats = lord.collect_stats(model, groups, ids, batch_size=4)
     calib_seconds = time.perf_counter() - t0
 
-    dense = perplexity(model, tok, split.heldout, **PPL_PROTOCOL)
+    dense = perplexity(model, tok, split.heldout, **ppl_protocol)
     print(name, "dense ppl", dense.ppl, flush=True)
     total = lord.count_params(model)
     facts, fact_seconds = {}, {}
-    for method in ("lord", "whiten", "svd"):
+    for method in dict.fromkeys(m for m, _ in grid):
         t0 = time.perf_counter()
         facts[method] = lord.factorize_groups(model, groups, stats, (method,))[method]
         fact_seconds[method] = time.perf_counter() - t0
@@ -72,16 +73,23 @@ def run_model(name: str, split) -> tuple[list[dict], dict]:
     del stats
     gc.collect()
 
+    summary = {
+        "model": name, "params_dense": total, "ppl_dense": round(dense.ppl, 4), "ppl_protocol": ppl_protocol,
+        "grid": [list(g) for g in grid], "reductions": list(reductions),
+        "calibration": {"n_seqs": n_seqs, "seq_len": seq_len, "hash": batches_digest(ids),
+                        "seconds": round(calib_seconds, 2), **{k: round(v, 3) for k, v in overhead.items()}},
+        "factorize_seconds": {k: round(v, 2) for k, v in fact_seconds.items()},
+    }
     records = []
-    for method, plan in GRID:
+    for method, plan in grid:
         curves = {k: f.error_curve() for k, f in facts[method].items()}
-        for reduction in REDUCTIONS:
+        for reduction in reductions:
             ranks = lord.rank_plan(groups, total, plan, reduction, curves)
             factored = copy.deepcopy(model)
             t0 = time.perf_counter()
             report = lord.apply_ranks(factored, groups, facts[method], ranks, total)
             apply_seconds = time.perf_counter() - t0
-            res = perplexity(factored, tok, split.heldout, **PPL_PROTOCOL, progress=False)
+            res = perplexity(factored, tok, split.heldout, **ppl_protocol, progress=False)
             m = report.metrics
             rec = {
                 "model": name, "method": method, "plan": plan, "target_param_reduction": reduction,
@@ -99,14 +107,9 @@ def run_model(name: str, split) -> tuple[list[dict], dict]:
             }
             print(json.dumps(rec), flush=True)
             records.append(rec)
+            on_record(records, summary)  # partial results survive an interrupted run
             del factored
             gc.collect()
-    summary = {
-        "model": name, "params_dense": total, "ppl_dense": round(dense.ppl, 4),
-        "calibration": {"n_seqs": n_seqs, "seq_len": seq_len, "hash": batches_digest(ids),
-                        "seconds": round(calib_seconds, 2), **{k: round(v, 3) for k, v in overhead.items()}},
-        "factorize_seconds": {k: round(v, 2) for k, v in fact_seconds.items()},
-    }
     return records, summary
 
 
@@ -149,7 +152,7 @@ def plot(records: list[dict]) -> list[str]:
                             label=f"{model} {plan}")
         ax.set_yscale("log")
         ax.set_xlabel("whole-model parameter reduction")
-        ax.set_ylabel("held-out ppl (stdlib, 16x512)")
+        ax.set_ylabel("held-out ppl (stdlib, 512-token windows)")
         ax.set_title(f"{method}: ppl vs parameter reduction")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -164,7 +167,12 @@ def plot(records: list[dict]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-0.5b"])
+    ap.add_argument("--grid", nargs="+", help="method:plan pairs (default: all of GRID)")
+    ap.add_argument("--reductions", nargs="+", type=float, default=list(REDUCTIONS))
+    ap.add_argument("--windows", type=int, default=PPL_PROTOCOL["n_windows"], help="held-out 512-token windows")
     args = ap.parse_args()
+    grid = [tuple(g.split(":")) for g in args.grid] if args.grid else GRID
+    ppl_protocol = {**PPL_PROTOCOL, "n_windows": args.windows}
     split = code_split()
     prev = RESULTS / "lord.json"
     records, summaries = [], []
@@ -172,21 +180,25 @@ def main() -> None:
         old = json.loads(prev.read_text())
         records = [r for r in old.get("records", []) if r["model"] not in args.models]
         summaries = [s for s in old.get("models", []) if s["model"] not in args.models]
-    for name in args.models:
-        recs, summary = run_model(name, split)
-        records += recs
-        summaries.append(summary)
+    def write(recs: list[dict], summary: dict) -> None:
         protocol = {
-            "heldout": "stdlib top-level *.py, held-out split", "split_digest": split.digest, **PPL_PROTOCOL,
+            "heldout": "stdlib top-level *.py, held-out split", "split_digest": split.digest,
+            "ppl": "per model in models[].ppl_protocol (seq_len 512, n_windows as run)",
             "calibration": {k: {"n_seqs": v[0], "seq_len": v[1]} for k, v in CALIB.items()},
             "calibration_overhead": f"{OVERHEAD_SEQS} seqs, plain forward vs Gram hooks, alternated x2, median",
-            "reductions": list(REDUCTIONS), "grid": [list(g) for g in GRID], "damping_whiten": 0.01,
+            "grid_and_reductions": "per model in models[]", "damping_whiten": 0.01,
             "param_reduction": "params removed / all model params (embeddings + head, tied counted once)",
             "rank_reduction": "mean over factored groups of 1 - r/min(m, n)",
             "note": "embedded weights were Q4-Q8 GGUF before we got them; dense = dequantized float32",
         }
-        write_results("lord", protocol, records, models=summaries, comparisons=compare(records),
-                      figures=plot(records))
+        allrecs = records + recs
+        write_results("lord", protocol, allrecs, models=summaries + [summary], comparisons=compare(allrecs),
+                      figures=plot(allrecs))
+
+    for name in args.models:
+        recs, summary = run_model(name, split, grid, tuple(args.reductions), ppl_protocol, write)
+        records += recs
+        summaries.append(summary)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def rank_plan(groups: list[Group], total_params: int, plan: str, reduction: floa
     if reduction is None or not 0 < reduction < 1:
         raise LordError(f"plan {plan!r} needs a parameter reduction in (0, 1), got {reduction}")
     target = reduction * total_params
-    ceiling = sum(params_removed(g.m, g.n, 1) for g in groups)
+    ceiling = sum(max(0, params_removed(g.m, g.n, 1)) for g in groups)
     if target > ceiling:
         raise LordError(f"a {reduction:.0%} parameter reduction needs {target:.3g} parameters removed, but "
                         f"the targeted groups hold at most {ceiling:.3g} removable; lower the reduction or "
@@ -104,7 +104,7 @@ def _uniform_rank_reduction(groups: list[Group], rho: float) -> dict[str, int | 
 def _uniform_parity_fraction(groups: list[Group], target: float) -> dict[str, int | None]:
     def ranks(f: float) -> dict[str, int | None]:
         return {g.name: max(1, min(max_factored_rank(g.m, g.n), math.floor(f * parity_rank(g.m, g.n))))
-                for g in groups}
+                if max_factored_rank(g.m, g.n) >= 1 else None for g in groups}
 
     lo, hi = 0.0, 1.0  # removal(lo) >= target by the ceiling check; find the largest such f
     for _ in range(50):

@@ -231,3 +231,35 @@ def test_checkpoint_round_trip_ours_and_trust_remote_code(tiny_any, calib_ids, t
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
     assert torch.equal(hf(calib_ids).logits, out)
     assert lord.count_params(hf) == lord.count_params(model) < lord.count_params(tiny_any)
+
+
+def test_plans_reach_any_feasible_target_below_parity():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=40, deadline=None)
+    @hypothesis.given(shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 40)), min_size=1, max_size=6),
+                      frac=st.floats(0.05, 0.95), seed=st.integers(0, 1000))
+    def check(shapes, frac, seed):
+        groups = [lord.Group(f"g{i}", (f"g{i}.w",), n, (m,)) for i, (m, n) in enumerate(shapes)]
+        g = torch.Generator().manual_seed(seed)
+        curves = {}
+        for grp in groups:  # any non-increasing curve from 1 to 0, as error_curve() produces
+            cap = torch.rand(min(grp.m, grp.n), generator=g, dtype=torch.float64)
+            curves[grp.name] = 1 - torch.cat([torch.zeros(1, dtype=torch.float64), cap.cumsum(0) / cap.sum()])
+        ceiling = sum(max(0, params_removed(x.m, x.n, 1)) for x in groups)
+        hypothesis.assume(ceiling > 0)
+        total = sum(x.m * x.n for x in groups) * 2
+        reduction = frac * ceiling / total
+        for plan in lord.PLANS:
+            ranks = lord.rank_plan(groups, total, plan, reduction, curves)
+            assert lord.plan_summary(groups, ranks, total)["params_removed"] >= reduction * total - 1e-6
+            for x in groups:
+                assert ranks[x.name] is None or 1 <= ranks[x.name] <= max_factored_rank(x.m, x.n)
+
+    check()
+    # a 2 x 2 group has parity 1: no rank saves anything, so no plan may factor it
+    tiny = [lord.Group("a", ("a.w",), 2, (2,)), lord.Group("b", ("b.w",), 8, (8,))]
+    curves = {"a": torch.tensor([1.0, 0.5, 0.0]), "b": torch.linspace(1, 0, 9)}
+    for plan in lord.PLANS:
+        assert lord.rank_plan(tiny, 100, plan, 0.2, curves)["a"] is None
