@@ -12,6 +12,7 @@ Layers, each enough on its own for the attacks it covers (the guard is defence i
 - rlimits: CPU seconds, address space, file size, open files, processes, no core dumps;
 - a scrubbed environment (the evaluator's secrets never reach the child), closed stdin, HOME and TMPDIR
   pointing at the private dir, output read with a byte cap (the rest drained and dropped);
+- the child is SIGKILLed by the kernel if the evaluator dies (PR_SET_PDEATHSIG): no orphans after a crash;
 - inside the child, ``reliability_guard``-style disabling of kill/fork/exec/remove/socket.
 
 Execution is opt-in (``allow_execution=True``), like bigcode-evaluation-harness's ``--allow-code-execution``.
@@ -169,6 +170,7 @@ class Sandbox:
                 "file_bytes": cfg.max_file_mb << 20, "max_open_files": cfg.max_open_files,
                 "max_processes": cfg.max_processes, "guard": cfg.guard, "block_network": not self.netns,
                 "private_mounts": self.mountns, "workdir": str(workdir), "tmpfs_mb": cfg.tmpfs_mb,
+                "parent_pid": os.getpid(),
             }
             cmd = [self.python, "-I", "-S", str(CHILD), json.dumps(spec)]
             namespaces = ["--net"] * self.netns + ["--mount", "--propagation", "private"] * self.mountns

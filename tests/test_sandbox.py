@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import resource
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from evaluation.errors import EvalError
 from evaluation.sandbox import Sandbox, SandboxConfig
-from evaluation.sandbox_attacks import ATTACKS, run_attack_battery
+from evaluation.sandbox_attacks import ATTACKS, leftover_processes, run_attack_battery
 from sources.humaneval import N_PROBLEMS, load_humaneval
 
 FAST = {"wall_seconds": 6.0, "cpu_seconds": 2, "workers": 2}
@@ -144,3 +147,25 @@ def test_unprivileged_fallback_still_blocks_with_guard(decoy: Path) -> None:
     results = box.run_many(attacks, progress=False)
     assert [r.status for r in results] == ["failed"] * len(attacks), [r.reason for r in results]
     assert len(list(decoy.iterdir())) == 3
+
+
+def test_killing_the_evaluator_leaves_no_orphans(tmp_path: Path) -> None:
+    """SIGKILL an evaluator mid-execution: its sandboxed child dies with it (PR_SET_PDEATHSIG)."""
+    script = tmp_path / "evaluator.py"
+    script.write_text(
+        "from evaluation.sandbox import Sandbox, SandboxConfig\n"
+        "box = Sandbox(SandboxConfig(wall_seconds=120, cpu_seconds=100, uid_base=62000), allow_execution=True)\n"
+        "box.run('import time\\nprint(\"started\", flush=True)\\ntime.sleep(1000)\\n')\n"
+    )
+    evaluator = subprocess.Popen([sys.executable, str(script)], cwd=Path(__file__).resolve().parents[1])
+    cfg = SandboxConfig(uid_base=62000)
+    deadline = time.monotonic() + 30
+    while not leftover_processes(cfg) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert leftover_processes(cfg), "the sandboxed child never started"
+    evaluator.kill()
+    evaluator.wait()
+    deadline = time.monotonic() + 5
+    while leftover_processes(cfg) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert leftover_processes(cfg) == []
