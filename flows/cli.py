@@ -3,7 +3,7 @@
     lord run --preset smoke|default|full [--model M] [--reduction F] [--bits 8 4] [--no-finetune] ...
     lord serve [--stop]
     lord compare [--experiment NAME] [--last N]
-    lord calibrate|decompose|quantize|finetune|eval MODEL --out DIR [--set field=value ...]
+    lord calibrate|decompose|quantize|finetune|eval --model M --out DIR [stage flags | --set FIELD=VALUE]
 
 Prefect and MLflow are imported only by the subcommands that need them, so ``lord --help`` is instant.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,16 @@ from typing import Any
 from flows.errors import FlowError
 from flows.presets import PRESETS, STAGES, SUPPORTED_BITS
 
-LIB_STAGES = {"calibrate": "calibrate", "decompose": "decompose", "quantize": "quantize",
-              "finetune": "finetune", "eval": "evaluate"}
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        result = args.func(args)
+        if isinstance(result, dict):  # library subcommands return their metrics
+            print(json.dumps(result, indent=2, sort_keys=True, default=str))
+            return 0
+        return int(result or 0)
     except FlowError as e:
         print(f"lord: error: {e}", file=sys.stderr)
         return 2
@@ -70,18 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--runs", nargs="+", metavar="RUN_ID", help="explicit MLflow run ids instead of --last")
     c.set_defaults(func=_cmd_compare)
 
-    for cmd, stage in LIB_STAGES.items():
-        lp = sub.add_parser(cmd, help=f"run the {stage} stage once, without Prefect or MLflow")
-        lp.add_argument("model", help="embedded name, hub id, local dir or artifact dir")
-        lp.add_argument("--out", required=True, type=Path, help="output artifact dir (written atomically)")
-        if stage == "decompose":
-            lp.add_argument("--stats", type=Path, required=True, help="calibration stats (lord calibrate output)")
-            lp.add_argument("--reduction", type=_fraction, help="target parameter reduction in (0, 1)")
-        if stage == "quantize":
-            lp.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
-        lp.add_argument("--preset", choices=sorted(PRESETS), default="default", help="config defaults to start from")
-        lp.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
-        lp.set_defaults(func=_cmd_stage, stage=stage)
+    _library_commands(sub)
     return p
 
 
@@ -130,7 +119,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     print()
     print(f"lord-pipeline ({result['preset']}, {result['model']})")
-    print(format_table(result["rows"], ["variant", "params", "size_mb", "ppl", "ppl_increase", "pass_at_1"]))
+    print(format_table(result["rows"], ["variant", "params", "param_reduction", "size_mb", "ppl", "ppl_increase",
+                                        "pass_at_1"]))
     print()
     stages = [{"stage": s["label"], "status": "cached" if s["cached"] or s["reused"] else "computed",
                "seconds": s["seconds"], "dir": s["dir"]} for s in result["stages"]]
@@ -144,7 +134,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {uri} "
+            "--host 127.0.0.1 --port 5000 --workers 1")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -167,28 +158,79 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_stage(args: argparse.Namespace) -> int:
-    from flows.stages import STATS_FILE, build_config, run_stage
+def _library_commands(sub: argparse._SubParsersAction) -> None:
+    """The stages without Prefect or MLflow: each package's own flags where it ships them (lord.cli,
+    evaluation.humaneval_cli), else preset defaults + ``--set FIELD=VALUE`` onto the stage config."""
+    from lord.cli import add_commands as add_lord_commands
 
-    stage = args.stage
-    kwargs = dict(PRESETS[args.preset][stage])
-    if stage == "decompose" and args.reduction is not None:
-        kwargs["reduction"] = args.reduction
-    if stage == "quantize":
-        kwargs["bits"] = args.bits
-    kwargs.update(parse_overrides(args.overrides, stage).get(stage, {}))
-    cfg = build_config(stage, kwargs)
-    inputs = {"model": args.model}
-    if stage == "decompose":
-        stats = args.stats / STATS_FILE if args.stats.is_dir() else args.stats
-        if not stats.is_file():
-            raise FlowError(f"--stats {args.stats}: no {STATS_FILE} there; run `lord calibrate MODEL --out DIR` first.")
-        inputs["stats"] = str(stats)
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
-    metrics = run_stage(stage, json.loads(json.dumps(cfg.to_dict(), default=str)), inputs, args.out)
-    print(json.dumps(metrics, indent=2, default=str))
-    print(f"wrote {args.out}")
-    return 0
+    add_lord_commands(sub)  # lord calibrate, lord decompose
+
+    q = sub.add_parser("quantize", help="GPTQ/RTN-quantize a model (or a LoRD checkpoint) into a dir")
+    q.add_argument("--model", required=True, help="embedded name, HF dir or artifact dir")
+    q.add_argument("--out", type=Path, required=True)
+    q.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
+    q.add_argument("--preset", choices=sorted(PRESETS), default="default", help="config defaults to start from")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any QuantConfig field, e.g. --set group_size=64 --set outlier_threshold=0.2")
+    q.set_defaults(func=_cmd_quantize)
+
+    f = sub.add_parser("finetune", help="QLoRA-finetune a model (or a quantized/LoRD dir) into an adapter dir")
+    f.add_argument("--model", required=True)
+    f.add_argument("--out", type=Path, required=True)
+    f.add_argument("--data", help="instruction JSONL ({instruction, output} per line; default: built-in set)")
+    f.add_argument("--steps", type=_positive, default=100)
+    f.add_argument("--lora-r", type=_positive, default=16)
+    f.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any FinetuneConfig field, e.g. --set lr=1e-4")
+    f.set_defaults(func=_cmd_finetune)
+
+    e = sub.add_parser("eval", help="held-out perplexity (+ --humaneval pass@k in the sandbox) of a model")
+    e.add_argument("--model", required=True)
+    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--seq-len", type=_positive, default=512)
+    e.add_argument("--n-windows", type=_positive, default=16)
+    e.add_argument("--humaneval", action="store_true", help="HumanEval only (flags below) instead of perplexity")
+    from evaluation.humaneval_cli import add_humaneval_args
+
+    add_humaneval_args(e)
+    e.set_defaults(func=_cmd_eval)
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from e
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
+
+
+def _cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.stages import build_config
+    from quant import quantize_to_dir
+
+    kwargs = {**PRESETS[args.preset]["quantize"], "bits": args.bits,
+              **parse_overrides(args.overrides, "quantize").get("quantize", {})}
+    return quantize_to_dir(args.model, build_config("quantize", kwargs), args.out)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from finetune.cli import run_finetune
+
+    extra = parse_overrides(args.overrides, "finetune").get("finetune", {})
+    return run_finetune(args.model, args.out, data=args.data, steps=args.steps, lora_r=args.lora_r, **extra)
+
+
+def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    if args.humaneval:
+        from evaluation.humaneval import humaneval_to_dir
+        from evaluation.humaneval_cli import config_from_args
+
+        return humaneval_to_dir(args.model, config_from_args(args), args.out)
+    from evaluation import EvalConfig, evaluate_to_dir
+
+    return evaluate_to_dir(args.model, EvalConfig(seq_len=args.seq_len, n_windows=args.n_windows), args.out)
 
 
 if __name__ == "__main__":

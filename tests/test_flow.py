@@ -169,7 +169,7 @@ def test_cli_rejects_bad_input_with_argparse_messages(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--reduction", "1.2"])
     assert "outside (0, 1)" in capsys.readouterr().err
-    assert main(["quantize", TINY, "--out", "/nonexistent/x", "--set", "group_size"]) == 2
+    assert main(["quantize", "--model", TINY, "--out", "/nonexistent/x", "--set", "group_size"]) == 2
     assert "expected FIELD=VALUE" in capsys.readouterr().err
 
 
