@@ -1,14 +1,17 @@
 """The stage registry: which library function and config class each pipeline stage calls, content hashes of
 stage inputs, and the one call per stage. No Prefect or MLflow here, so this is plain, testable plumbing.
 
-A stage's identity (its cache key) is ``sha256(stage, config.to_dict(), input content hashes, CACHE_VERSION)``:
-the same inputs and config give the same artifact dir ``<runs>/<stage>/<key>/``, so a finished artifact is
-found again by any later run, Prefect cache or not.
+A stage's identity (its cache key) is ``sha256(stage, config.to_dict(), input content hashes, code hash)``:
+the same inputs, config and library code give the same artifact dir ``<runs>/<stage>/<key>/``, so a finished
+artifact is found again by any later run, Prefect cache or not, and an edited algorithm is never served
+from a stale cache.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 import inspect
 import json
 from dataclasses import dataclass
@@ -19,7 +22,7 @@ from artifacts import MANIFEST, atomic_dir, sha256_file, sha256_json, write_json
 from flows import faults
 from flows.errors import FlowError
 
-# Bump when the meaning of an artifact changes without its config changing (invalidates every cache entry).
+# Bump when the meaning of an artifact changes without its config or code changing (invalidates every entry).
 CACHE_VERSION = "1"
 
 
@@ -35,6 +38,14 @@ REGISTRY: dict[str, StageSpec] = {
     "quantize": StageSpec("quant:quantize_to_dir", "quant:QuantConfig"),
     "finetune": StageSpec("finetune:finetune_to_dir", "finetune:FinetuneConfig"),
     "evaluate": StageSpec("evaluation:evaluate_to_dir", "evaluation:EvalConfig"),
+}
+# Packages whose code shapes each stage's artifact (evaluation loads every artifact kind, so all loaders).
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "calibrate": ("lord", "sources", "artifacts"),
+    "decompose": ("lord", "sources", "artifacts"),
+    "quantize": ("quant", "lord", "sources", "artifacts"),
+    "finetune": ("finetune", "quant", "lord", "sources", "artifacts"),
+    "evaluate": ("evaluation", "finetune", "quant", "lord", "sources", "artifacts"),
 }
 STATS_FILE = "stats.safetensors"
 VOLATILE_FILES = {"metrics.json"}
@@ -83,7 +94,23 @@ def content_hash(model: str) -> str:
 
 
 def stage_key(stage: str, cfg: dict[str, Any], inputs: dict[str, str]) -> str:
-    return sha256_json({"stage": stage, "config": cfg, "inputs": inputs, "v": CACHE_VERSION})[:20]
+    return sha256_json({"stage": stage, "config": cfg, "inputs": inputs, "code": code_hash(stage),
+                        "v": CACHE_VERSION})[:20]
+
+
+@functools.cache
+def code_hash(stage: str) -> str:
+    """Digest of the Python sources a stage's output depends on (its package and the loaders it uses).
+    Computed once per process, so one run sees one version of the code."""
+    digests = {}
+    for package in STAGE_CODE[stage]:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        for root in spec.submodule_search_locations:
+            for f in sorted(Path(root).rglob("*.py")):
+                digests[f"{package}/{f.relative_to(root)}"] = sha256_file(f)
+    return sha256_json(digests)
 
 
 def artifact_dir(runs_dir: Path, stage: str, key: str) -> Path:
