@@ -3,6 +3,8 @@ by ``lord run`` (from the flow's return value) and ``lord compare`` (from MLflow
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 # The config fields worth a column: the ones that change between variants and explain their numbers.
@@ -29,6 +31,18 @@ def short_params(cfg: dict[str, Any]) -> str:
     return " ".join(f"{k}={cfg[k]}" for k in KEY_PARAMS if k in cfg and cfg[k] is not None) or "-"
 
 
+def adapter_base_mb(model: str) -> float:
+    """An adapter artifact is deployed with its frozen base: the base's weight bytes (MB), else 0."""
+    meta = Path(model) / "lord_artifact.json"
+    if not meta.is_file():
+        return 0.0
+    info = json.loads(meta.read_text())
+    base = Path(info.get("base_dir") or "")
+    if info.get("kind") != "adapter" or not base.is_dir():
+        return 0.0
+    return sum(p.stat().st_size for p in base.rglob("*") if p.suffix in {".safetensors", ".bin"}) / 2**20
+
+
 def summary_rows(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     dense_ppl = None
@@ -36,6 +50,9 @@ def summary_rows(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
         m = v.get("metrics", {})
         row = {"variant": v["variant"], "params": short_params(v.get("params", {})),
                **{k: pick(m, k) for k in ("size_mb", "n_params", "ppl", "pass_at_1")}}
+        base_mb = adapter_base_mb(v.get("model", ""))
+        if base_mb and isinstance(row["size_mb"], (int, float)):
+            row["size_mb"] = round(row["size_mb"] + base_mb, 2)  # what a user deploys: base + adapter
         if v["variant"] == "dense":
             dense_ppl = row["ppl"]
         if isinstance(row["ppl"], (int, float)) and isinstance(dense_ppl, (int, float)) and dense_ppl:
