@@ -205,6 +205,12 @@ def _capture_layer0_inputs(
                 pass
     finally:
         hook.remove()
+    n_batches = len(calib_ids.split(batch_size))
+    if len(captured) != n_batches:
+        raise QuantError(
+            f"captured the first decoder layer's inputs for {len(captured)} of {n_batches} calibration batches; "
+            f"{type(model).__name__} does not call its decoder layers in the usual way (unsupported architecture)."
+        )
     return captured
 
 
