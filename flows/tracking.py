@@ -118,7 +118,9 @@ class Tracker:
         if self.uri.startswith("sqlite:///"):  # artifacts beside the db; a server chooses its own root
             location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            # the MLflow 3 UI opens "model training" experiments on the runs table, not the GenAI overview
+            return self.client.create_experiment(name, artifact_location=location,
+                                                 tags={"mlflow.experimentKind": "custom_model_development"})
         except mlflow.exceptions.MlflowException:  # created concurrently by another run
             return self.client.get_experiment_by_name(name).experiment_id
 
