@@ -89,7 +89,9 @@ def content_hash(model: str) -> str:
         files = sorted(f for f in p.rglob("*") if f.is_file())
         return sha256_json({str(f.relative_to(p)): sha256_file(f) for f in files})
     if p.is_file():
-        return sha256_file(p)
+        manifest = p.parent / MANIFEST  # a file inside an artifact: its checksum is already on record
+        entries = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        return entries[p.name]["sha256"] if p.name in entries else sha256_file(p)
     return sha256_json({"name": model})
 
 
