@@ -62,7 +62,7 @@ def lord_pipeline(
 
 
 def _stage_configs(spec: PipelineSpec) -> dict[str, dict[str, Any]]:
-    """Config dicts (what is hashed and logged) keyed by stage, one ``quantize@<bits>`` per width."""
+    """Config dicts (what is hashed and logged) keyed by stage, one ``quantize<bits>`` per width."""
     out: dict[str, dict[str, Any]] = {}
     for stage in spec.enabled:
         if stage == "quantize":
@@ -87,7 +87,7 @@ class _Runner:
         run_id = self.tracker.start_parent(
             run_name=str(flow_run.get_name() or "lord-pipeline"),
             params={"preset": spec.preset, "model": spec.model, "stages": ",".join(spec.enabled),
-                    "bits": ",".join(map(str, spec.bits)), **{k: v for k, v in self.cfgs.items()}},
+                    "bits": ",".join(map(str, spec.bits)), **self.cfgs},
             tags={"prefect.flow_run_id": str(flow_run.get_id()), "prefect.flow_run_name": str(flow_run.get_name()),
                   "prefect.deployment": str(deployment.get_name() or ""), "lord.preset": spec.preset,
                   "lord.model": spec.model},
@@ -97,6 +97,7 @@ class _Runner:
             markdown=(f"MLflow run `{run_id}` in experiment `{self.tracker.experiment_id}` at "
                       f"`{self.tracker.uri}`.\n\nOpen: `mlflow ui --backend-store-uri {self.tracker.uri}`"),
         )
+        _tag_flow_run(f"mlflow:{run_id}")
         print(f"MLflow parent run {run_id} ({self.tracker.uri})")
 
         current, name = spec.model, "dense"
@@ -179,3 +180,14 @@ class _Runner:
 
 def _join(base: str, step: str) -> str:
     return step if base == "dense" else f"{base}+{step}"
+
+
+def _tag_flow_run(tag: str) -> None:
+    """Put the MLflow run id on the Prefect flow run (searchable in the Prefect UI and API)."""
+    from prefect.client.orchestration import get_client
+
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(run_id, tags=[*flow_run.get_tags(), tag])

@@ -81,7 +81,12 @@ def test_flow_completes_and_tracks_parent_and_nested_runs(first_and_second, stor
 
     client, parent, children = _mlflow_children(store, first["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags["prefect.flow_run_id"] and parent.data.params["model"] == TINY
+    assert parent.data.params["model"] == TINY
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as c:  # both ways: Prefect flow run <-> MLflow parent run
+        fr = c.read_flow_run(parent.data.tags["prefect.flow_run_id"])
+    assert f"mlflow:{first['mlflow_run_id']}" in fr.tags
     assert parent.data.metrics["lord.ppl"] == pytest.approx(rows["lord"]["ppl"])
     assert parent.data.metrics["stages_computed"] == len(FLOW_STAGES)
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
