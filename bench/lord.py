@@ -22,13 +22,14 @@ from common import PPL_PROTOCOL, RESULTS, write_results  # noqa: I001  (bench/ i
 # this file is bench/lord.py: with bench/ first on sys.path, `import lord` would import this script itself
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 import lord  # noqa: E402
+from artifacts import write_json_atomic  # noqa: E402
 from evaluation import perplexity  # noqa: E402
 from sources import batches_digest, calibration_batches, code_split, load_model  # noqa: E402
 
 REDUCTIONS = (0.1, 0.2, 0.3)
 GRID = [("lord", "uniform"), ("lord", "budget"), ("lord", "auto"), ("whiten", "uniform"), ("whiten", "auto"),
         ("svd", "uniform"), ("svd", "auto")]
-CALIB = {"smollm2-135m": (64, 512), "qwen2.5-coder-0.5b": (32, 512)}  # (n_seqs, seq_len)
+CALIB = {"smollm2-135m": (32, 512), "qwen2.5-coder-0.5b": (32, 512)}  # (n_seqs, seq_len)
 OVERHEAD_SEQS = 4  # sequences timed for the calibration overhead ratio (alternated with plain forwards)
 
 
@@ -116,6 +117,10 @@ def run_model(name: str, split, grid: list[tuple[str, str]], reductions: tuple[f
 def compare(records: list[dict]) -> list[dict]:
     """Targets of issue 3 per model and reduction: LoRD vs SVD ppl increase, auto vs uniform."""
     key = {(r["model"], r["method"], r["plan"], r["target_param_reduction"]): r for r in records}
+
+    def ratio(a: dict | None, b: dict | None) -> float | None:
+        return float(f"{a['ppl_increase'] / b['ppl_increase']:.3g}") if a and b else None
+
     out = []
     for (model, method, plan, red), r in sorted(key.items()):
         if method != "lord" or plan != "auto":
@@ -125,10 +130,9 @@ def compare(records: list[dict]) -> list[dict]:
         svd_uni = key.get((model, "svd", "uniform", red))
         out.append({
             "model": model, "target_param_reduction": red,
-            "lord_over_svd_ppl_increase_auto": round(r["ppl_increase"] / svd["ppl_increase"], 4) if svd else None,
-            "lord_over_svd_ppl_increase_uniform": (round(uni["ppl_increase"] / svd_uni["ppl_increase"], 4)
-                                                   if uni and svd_uni else None),
-            "auto_over_uniform_ppl_increase_lord": round(r["ppl_increase"] / uni["ppl_increase"], 4) if uni else None,
+            "lord_over_svd_ppl_increase_auto": ratio(r, svd),
+            "lord_over_svd_ppl_increase_uniform": ratio(uni, svd_uni),
+            "auto_over_uniform_ppl_increase_lord": ratio(r, uni),
         })
     return out
 
@@ -170,7 +174,13 @@ def main() -> None:
     ap.add_argument("--grid", nargs="+", help="method:plan pairs (default: all of GRID)")
     ap.add_argument("--reductions", nargs="+", type=float, default=list(REDUCTIONS))
     ap.add_argument("--windows", type=int, default=PPL_PROTOCOL["n_windows"], help="held-out 512-token windows")
+    ap.add_argument("--replot", action="store_true", help="recompute comparisons and figures from lord.json only")
     args = ap.parse_args()
+    if args.replot:
+        doc = json.loads((RESULTS / "lord.json").read_text())
+        doc.update(comparisons=compare(doc["records"]), figures=plot(doc["records"]))
+        write_json_atomic(RESULTS / "lord.json", doc)
+        return
     grid = [tuple(g.split(":")) for g in args.grid] if args.grid else GRID
     ppl_protocol = {**PPL_PROTOCOL, "n_windows": args.windows}
     split = code_split()
