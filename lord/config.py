@@ -41,7 +41,7 @@ class DecomposeConfig:
     """
 
     method: str = "lord"
-    plan: str = "auto"
+    plan: str = "uniform"  # measured best for LoRD on smollm2-135m (bench/results/lord.json); see lord/ranks.py
     reduction: float | None = 0.1
     rank_reduction: float | None = None
     targets: tuple[str, ...] = ("*",)

@@ -18,6 +18,12 @@ Plans for a target parameter reduction ``p`` (each hits the smallest removal >= 
   spectrum, ``decompose.Factorization.error_curve``) subject to the removal target, a multiple-choice
   knapsack solved greedily on each group's lower convex hull of (parameters removed, error): take the cheapest
   error per removed parameter first, across all groups.
+
+Measured (bench/results/lord.json, smollm2-135m): normalised calibration output error does NOT predict the
+perplexity cost of a cut across groups. For LoRD, ``uniform`` beats ``auto`` (ppl 18.0 vs 19.8 at 10%,
+27.4 vs 41.0 at 20%) and ``budget`` is worse still; for plain SVD, ``auto`` helps by orders of magnitude.
+So ``uniform`` is the default; ``auto`` needs a sensitivity-weighted error (e.g. Fisher-weighted output
+error, or per-group loss probes) before it can earn that place.
 """
 
 from __future__ import annotations
