@@ -4,6 +4,7 @@ stage entry points end to end (stats file -> checkpoint dir -> both loaders agre
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from transformers import AutoModelForCausalLM
 import lord
 from sources import load_model
 
-MODEL = "smollm2-135m"
+MODEL = os.environ.get("LORD_REAL_MODEL", "smollm2-135m")  # e.g. tinycoder-random for a quick dry run
+REDUCTION = float(os.environ.get("LORD_REAL_REDUCTION", "0.05"))  # tinycoder-random: 0.002 (32k-vocab embedding)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +43,9 @@ def test_lord_error_never_above_svd_or_whitening_on_any_group(stats_path):
 
 @pytest.mark.slow
 def test_decompose_to_dir_loads_back_equal_in_both_loaders(stats_path, tmp_path):
-    cfg = lord.DecomposeConfig(method="lord", plan="auto", reduction=0.05)
+    cfg = lord.DecomposeConfig(method="lord", plan="auto", reduction=REDUCTION)
     metrics = lord.decompose_to_dir(MODEL, stats_path, cfg, tmp_path / "ckpt")
-    assert 0.05 <= metrics["param_reduction"] < 0.06
+    assert REDUCTION <= metrics["param_reduction"] < REDUCTION + 0.01 and metrics["n_groups_factored"] > 0
     assert json.loads((tmp_path / "ckpt" / "lord_artifact.json").read_text())["kind"] == "lord"
     ours, tok = load_model(tmp_path / "ckpt")  # sources dispatches to lord.checkpoint:load_factored
     assert lord.factored_modules(ours) and tok is not None
