@@ -1,4 +1,4 @@
-"""LoRD vs plain SVD vs whitening, uniform vs budget vs auto rank plans, at 10/20/30% whole-model parameter
+"""LoRD vs plain SVD vs whitening, uniform vs budget vs spectrum vs auto (loss-probe weighted) rank plans, at 10/20/30% whole-model parameter
 reduction: held-out ppl, decomposition wall time, calibration overhead, forward-time ratio; one run per model.
 
 Run (heavy): flock /tmp/heavy.lock .venv/bin/python bench/lord.py --models smollm2-135m qwen2.5-coder-0.5b
@@ -24,11 +24,13 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import lord  # noqa: E402
 from artifacts import write_json_atomic  # noqa: E402
 from evaluation import perplexity  # noqa: E402
+from lord.sensitivity import probe_sensitivities, weights_of  # noqa: E402
 from sources import batches_digest, calibration_batches, code_split, load_model  # noqa: E402
 
 REDUCTIONS = (0.1, 0.2, 0.3)
-GRID = [("lord", "uniform"), ("lord", "budget"), ("lord", "auto"), ("whiten", "uniform"), ("whiten", "auto"),
-        ("svd", "uniform"), ("svd", "auto")]
+GRID = [("lord", "uniform"), ("lord", "budget"), ("lord", "spectrum"), ("lord", "auto"), ("whiten", "uniform"),
+        ("whiten", "auto"), ("svd", "uniform"), ("svd", "auto")]
+SENS = lord.DecomposeConfig()  # sensitivity probe batch and probe rank: the library defaults
 CALIB = {"smollm2-135m": (32, 512), "qwen2.5-coder-0.5b": (32, 512)}  # (n_seqs, seq_len)
 OVERHEAD_SEQS = 4  # sequences timed for the calibration overhead ratio (alternated with plain forwards)
 
@@ -73,6 +75,17 @@ def run_model(name: str, split, grid: list[tuple[str, str]], reductions: tuple[f
         print(name, method, "factorize seconds", round(fact_seconds[method], 1), flush=True)
     del stats
     gc.collect()
+    sens_ids = calibration_batches(tok, split.calibration, n_seqs=SENS.sensitivity_seqs,
+                                   seq_len=SENS.sensitivity_seq_len, seed=SENS.sensitivity_seed)
+    weights, sens_summary = {}, {}
+    for method in dict.fromkeys(m for m, p in grid if p == "auto"):
+        sens = probe_sensitivities(model, groups, facts[method], sens_ids, SENS.probe_fraction)
+        weights[method] = weights_of(sens)
+        write_json_atomic(RESULTS / f"lord_sensitivity_{name}_{method}.json", sens)
+        sens_summary[method] = {"seconds": round(sens["_meta"]["seconds"], 1),
+                                "file": f"lord_sensitivity_{name}_{method}.json",
+                                "delta_loss_by_type": _by_type(sens)}
+        print(name, method, "sensitivity", json.dumps(sens_summary[method]), flush=True)
 
     summary = {
         "model": name, "params_dense": total, "ppl_dense": round(dense.ppl, 4), "ppl_protocol": ppl_protocol,
@@ -80,12 +93,15 @@ def run_model(name: str, split, grid: list[tuple[str, str]], reductions: tuple[f
         "calibration": {"n_seqs": n_seqs, "seq_len": seq_len, "hash": batches_digest(ids),
                         "seconds": round(calib_seconds, 2), **{k: round(v, 3) for k, v in overhead.items()}},
         "factorize_seconds": {k: round(v, 2) for k, v in fact_seconds.items()},
+        "sensitivity": {"n_seqs": SENS.sensitivity_seqs, "seq_len": SENS.sensitivity_seq_len,
+                        "seed": SENS.sensitivity_seed, "probe_fraction": SENS.probe_fraction, **sens_summary},
     }
     records = []
     for method, plan in grid:
         curves = {k: f.error_curve() for k, f in facts[method].items()}
         for reduction in reductions:
-            ranks = lord.rank_plan(groups, total, plan, reduction, curves)
+            ranks = lord.rank_plan(groups, total, plan, reduction, curves,
+                                   weights=weights.get(method) if plan == "auto" else None)
             factored = copy.deepcopy(model)
             t0 = time.perf_counter()
             report = lord.apply_ranks(factored, groups, facts[method], ranks, total)
@@ -105,13 +121,30 @@ def run_model(name: str, split, grid: list[tuple[str, str]], reductions: tuple[f
                 "forward_ratio": round(res.seconds / dense.seconds, 3),
                 "ratio_of": "held-out ppl pass seconds, factored / dense (same windows, same run)",
                 "params": m["params_total_factored"], "params_dense": total,
+                "sensitivity_weighted": plan == "auto",
             }
             print(json.dumps(rec), flush=True)
+            uni = next((x for x in records if x["method"] == method and x["plan"] == "uniform"
+                        and x["target_param_reduction"] == reduction), None)
+            if plan != "uniform" and uni:
+                print(f"{name} {method} {plan} @ {reduction:.0%}: ppl {rec['ppl']:.2f} vs uniform {uni['ppl']:.2f}; "
+                      f"ppl-increase ratio {plan}/uniform = {rec['ppl_increase'] / uni['ppl_increase']:.3f}",
+                      flush=True)
             records.append(rec)
             on_record(records, summary)  # partial results survive an interrupted run
             del factored
             gc.collect()
     return records, summary
+
+
+def _by_type(sens: dict) -> dict:
+    """Mean and range of the probe loss increase per group type (qkv, o_proj, gate_up, down_proj, ...)."""
+    by: dict[str, list[float]] = {}
+    for k, v in sens.items():
+        if not k.startswith("_"):
+            by.setdefault(k.rsplit(".", 1)[-1], []).append(v["delta_loss"])
+    return {t: {"mean": round(statistics.mean(d), 5), "min": round(min(d), 5), "max": round(max(d), 5)}
+            for t, d in by.items()}
 
 
 def compare(records: list[dict]) -> list[dict]:
@@ -128,11 +161,13 @@ def compare(records: list[dict]) -> list[dict]:
         uni = key.get((model, "lord", "uniform", red))
         svd = key.get((model, "svd", plan, red))
         svd_uni = key.get((model, "svd", "uniform", red))
+        spec = key.get((model, "lord", "spectrum", red))
         out.append({
             "model": model, "target_param_reduction": red,
             "lord_over_svd_ppl_increase_auto": ratio(r, svd),
             "lord_over_svd_ppl_increase_uniform": ratio(uni, svd_uni),
             "auto_over_uniform_ppl_increase_lord": ratio(r, uni),
+            "spectrum_over_uniform_ppl_increase_lord": ratio(spec, uni),
         })
     return out
 
@@ -148,7 +183,7 @@ def plot(records: list[dict]) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for model in sorted({r["model"] for r in records}):
             dense = next(r["ppl_dense"] for r in records if r["model"] == model)
-            for plan, style in (("uniform", "--o"), ("budget", ":s"), ("auto", "-^")):
+            for plan, style in (("uniform", "--o"), ("budget", ":s"), ("spectrum", "-.d"), ("auto", "-^")):
                 pts = sorted((r["param_reduction"], r["ppl"]) for r in records
                              if r["model"] == model and r["method"] == method and r["plan"] == plan)
                 if pts:
@@ -188,7 +223,12 @@ def main() -> None:
     records, summaries = [], []
     if prev.is_file():
         old = json.loads(prev.read_text())
-        records = [r for r in old.get("records", []) if r["model"] not in args.models]
+        for r in old.get("records", []):  # before loss-probe weighting, `auto` was today's `spectrum`
+            if r["plan"] == "auto" and not r.get("sensitivity_weighted"):
+                r["plan"] = "spectrum"
+        # keep every record this run does not recompute (other models, or grid entries not run now)
+        records = [r for r in old.get("records", []) if r["model"] not in args.models
+                   or (r["method"], r["plan"]) not in grid]
         summaries = [s for s in old.get("models", []) if s["model"] not in args.models]
     def write(recs: list[dict], summary: dict) -> None:
         protocol = {

@@ -38,6 +38,9 @@ class DecomposeConfig:
     ``reduction``: whole-model parameter reduction to reach (fraction of all parameters) for every plan;
     ``rank_reduction`` (uniform plan only, instead of ``reduction``): the same ``1 - r/min(m, n)`` for every
     group. ``damping`` only affects ``whiten`` (fraction of the Gram's mean diagonal added before Cholesky).
+    ``sensitivity_*`` (plan ``auto`` only, lord/sensitivity.py): the loss-probe batch (``sensitivity_seqs``
+    windows of ``sensitivity_seq_len`` calibration tokens, ``sensitivity_seed``) and the probe rank as a
+    fraction of each group's largest factored rank.
     """
 
     method: str = "lord"
@@ -47,6 +50,10 @@ class DecomposeConfig:
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
     damping: float = 0.01
+    sensitivity_seqs: int = 8
+    sensitivity_seq_len: int = 256
+    sensitivity_seed: int = 1
+    probe_fraction: float = 0.75
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -63,6 +70,12 @@ class DecomposeConfig:
             raise LordError(f"reduction must be a parameter-reduction fraction in (0, 1), got {self.reduction}")
         if self.damping < 0:
             raise LordError(f"damping must be >= 0, got {self.damping}")
+        if self.sensitivity_seqs < 1 or self.sensitivity_seq_len < 2:
+            raise LordError(f"sensitivity_seqs must be >= 1 and sensitivity_seq_len >= 2, got "
+                            f"{self.sensitivity_seqs}, {self.sensitivity_seq_len}")
+        if not 0 < self.probe_fraction <= 1:
+            raise LordError(f"probe_fraction must be in (0, 1] (of each group's largest factored rank), got "
+                            f"{self.probe_fraction}")
         _check_patterns(self.targets, self.ignore)
 
     def to_dict(self) -> dict[str, Any]:

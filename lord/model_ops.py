@@ -10,6 +10,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -17,6 +18,7 @@ from lord.config import DecomposeConfig
 from lord.decompose import Factorization, factorize
 from lord.errors import LordError
 from lord.ranks import plan_summary, rank_plan
+from lord.sensitivity import probe_sensitivities, weights_of
 from lord.stats import GroupStats
 from lord.surgery import Group, factor_group, find_groups, stacked_weight
 
@@ -25,6 +27,7 @@ from lord.surgery import Group, factor_group, find_groups, stacked_weight
 class DecomposeReport:
     groups: dict  # group -> {"members", "rank" (None = dense), "m", "n", "rel_output_error", "rank_reduction"}
     metrics: dict
+    sensitivities: dict | None = None  # plan auto: lord.sensitivity.probe_sensitivities output
 
 
 def count_params(model: nn.Module) -> int:
@@ -72,14 +75,28 @@ def apply_ranks(model: nn.Module, groups: list[Group], facts: Mapping[str, Facto
 
 
 def decompose_model(model: nn.Module, stats: Mapping[str, GroupStats], cfg: DecomposeConfig,
-                    progress: bool = True) -> DecomposeReport:
-    """Factor ``model`` in place: statistics -> per-group factorization -> rank plan -> module swap."""
+                    progress: bool = True, sensitivity_ids: torch.Tensor | None = None) -> DecomposeReport:
+    """Factor ``model`` in place: statistics -> per-group factorization -> rank plan -> module swap.
+
+    Plan ``auto`` also needs ``sensitivity_ids`` ([n_seqs, seq_len] calibration tokens) for the loss probes.
+    """
     t0 = time.perf_counter()
     groups = find_groups(model, cfg.targets, cfg.ignore)
     total = count_params(model)
     facts = factorize_groups(model, groups, stats, (cfg.method,), cfg.damping, progress)[cfg.method]
     curves = {name: f.error_curve() for name, f in facts.items()}
-    ranks = rank_plan(groups, total, cfg.plan, cfg.reduction, curves, cfg.rank_reduction)
+    sens = None
+    if cfg.plan == "auto":
+        if sensitivity_ids is None:
+            raise LordError("plan 'auto' weights each group by a measured loss probe and needs "
+                            "sensitivity_ids (calibration token ids [n_seqs, seq_len]); pass them, or use plan "
+                            "'spectrum' (unweighted) or 'uniform'")
+        sens = probe_sensitivities(model, groups, facts, sensitivity_ids, cfg.probe_fraction, progress)
+    ranks = rank_plan(groups, total, cfg.plan, cfg.reduction, curves, cfg.rank_reduction,
+                      weights_of(sens) if sens is not None else None)
     report = apply_ranks(model, groups, facts, ranks, total)
+    report.sensitivities = sens
     report.metrics["decompose_seconds"] = time.perf_counter() - t0
+    if sens is not None:
+        report.metrics["sensitivity_seconds"] = sens["_meta"]["seconds"]
     return report

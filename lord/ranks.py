@@ -14,16 +14,18 @@ Plans for a target parameter reduction ``p`` (each hits the smallest removal >= 
   that is not below parity stay dense (the paper's uniform axis).
 * ``budget``: equal error: every group at the smallest rank whose relative output error is <= ``tau``
   (dense if that rank is not below parity); ``tau`` found by bisection.
-* ``auto``: minimum total error: minimise ``sum_g e_g(r_g)`` (``e_g`` = normalised tail of the group's output
+* ``spectrum``: minimum total error: minimise ``sum_g e_g(r_g)`` (``e_g`` = normalised tail of the group's output
   spectrum, ``decompose.Factorization.error_curve``) subject to the removal target, a multiple-choice
   knapsack solved greedily on each group's lower convex hull of (parameters removed, error): take the cheapest
   error per removed parameter first, across all groups.
+* ``auto``: minimum predicted loss: the same knapsack on ``sum_g w_g e_g(r_g)`` with ``w_g`` each group's
+  measured loss sensitivity (lord/sensitivity.py: loss increase of a probe truncation / its error); without
+  ``weights`` every ``w_g = 1`` (= ``spectrum``).
 
 Measured (bench/results/lord.json, smollm2-135m): normalised calibration output error does NOT predict the
 perplexity cost of a cut across groups. For LoRD, ``uniform`` beats ``auto`` (ppl 18.0 vs 19.8 at 10%,
 27.4 vs 41.0 at 20%) and ``budget`` is worse still; for plain SVD, ``auto`` helps by orders of magnitude.
-So ``uniform`` is the default; ``auto`` needs a sensitivity-weighted error (e.g. Fisher-weighted output
-error, or per-group loss probes) before it can earn that place.
+That unweighted plan is now ``spectrum``; ``auto`` weights each curve by the measured loss probe.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 from lord.errors import LordError
 from lord.surgery import Group
 
-PLANS = ("uniform", "budget", "auto")
+PLANS = ("uniform", "budget", "spectrum", "auto")
 
 
 def parity_rank(m: int, n: int) -> float:
@@ -54,8 +56,10 @@ def params_removed(m: int, n: int, rank: int | None) -> int:
 
 def rank_plan(groups: list[Group], total_params: int, plan: str, reduction: float | None = None,
               curves: Mapping[str, torch.Tensor] | None = None,
-              rank_reduction: float | None = None) -> dict[str, int | None]:
-    """The rank of every group under ``plan``; ``curves`` (group -> error for ranks 0..k) for budget/auto."""
+              rank_reduction: float | None = None,
+              weights: Mapping[str, float] | None = None) -> dict[str, int | None]:
+    """The rank of every group under ``plan``; ``curves`` (group -> error for ranks 0..k) for budget/spectrum/auto,
+    ``weights`` (group -> loss per unit error, lord/sensitivity.py) for auto."""
     if plan not in PLANS:
         raise LordError(f"unknown rank plan {plan!r}; expected one of {PLANS}")
     if plan == "uniform" and rank_reduction is not None:
@@ -74,6 +78,13 @@ def rank_plan(groups: list[Group], total_params: int, plan: str, reduction: floa
         raise LordError(f"plan {plan!r} needs the error curve of every group (from decompose.factorize)")
     if plan == "budget":
         return _equal_error(groups, target, curves)
+    if plan == "auto" and weights is not None:
+        bad = [g.name for g in groups if not (g.name in weights and math.isfinite(weights[g.name])
+                                               and weights[g.name] > 0)]
+        if bad:
+            raise LordError(f"plan 'auto' needs a finite positive weight for every group; missing or bad for "
+                            f"{bad[:3]} ({len(bad)} groups); compute them with lord.sensitivity.probe_sensitivities")
+        curves = {g.name: curves[g.name] * float(weights[g.name]) for g in groups}
     return _min_total_error(groups, target, curves)
 
 

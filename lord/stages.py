@@ -48,7 +48,7 @@ def collect_stats_to_file(model: str, out: Path, cfg: CalibConfig) -> dict:
 
 def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Path) -> dict:
     """Factor ``model`` with the statistics file (or dir holding it) and write a loadable checkpoint dir."""
-    from sources import load_model
+    from sources import calibration_batches, code_split, load_model
 
     stats = Path(stats)
     if stats.is_dir():
@@ -59,7 +59,11 @@ def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Pat
     if meta.get("model") != str(model) and meta.get("model_type") != m.config.model_type:
         raise LordError(f"statistics in {stats} were collected on {meta.get('model')!r} "
                         f"({meta.get('model_type')}), not on {model!r}; recollect them for this model")
-    report = decompose_model(m, group_stats, cfg)
+    sens_ids = None
+    if cfg.plan == "auto":
+        sens_ids = calibration_batches(tok, code_split().calibration, n_seqs=cfg.sensitivity_seqs,
+                                       seq_len=cfg.sensitivity_seq_len, seed=cfg.sensitivity_seed)
+    report = decompose_model(m, group_stats, cfg, sensitivity_ids=sens_ids)
     info = {"method": cfg.method, "plan": cfg.plan, "config": cfg.to_dict(), "source_model": str(model),
             "stats_model": meta.get("model"), "calibration_hash": meta.get("calibration_hash")}
     metrics = {**report.metrics, "method": cfg.method, "plan": cfg.plan,
@@ -67,6 +71,8 @@ def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Pat
     with atomic_dir(Path(out_dir)) as tmp:
         save_factored(m, tok, tmp, report.groups, info)
         (tmp / "rank_map.json").write_text(json.dumps(report.groups, indent=2, sort_keys=True))
+        if report.sensitivities is not None:  # per-group loss probes, for flows to log (lord/sensitivity.py)
+            (tmp / "sensitivity.json").write_text(json.dumps(report.sensitivities, indent=2, sort_keys=True))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         (tmp / "lord_artifact.json").write_text(json.dumps(
             {"kind": "lord", "loader": "lord.checkpoint:load_factored", "source": str(model), **info},

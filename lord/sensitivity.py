@@ -1,0 +1,136 @@
+"""Measured per-group sensitivity: how much LM loss one group's truncation costs, to weight its error curve.
+
+The spectrum plan minimises ``sum_g e_g(r_g)`` (normalised calibration output error), but equal output error
+does not cost equal loss across groups (shared/DESIGN.md: cost per removed parameter differs ~5x between group
+types; bench/results/lord.json: the unweighted plan loses to uniform). Loss probe (cf. the layer-wise
+sensitivity scans of Dong et al. 2019 "HAWQ" and of LLM-Pruner, Ma et al. 2023, Sec. 3.2, measured here
+instead of Taylor-approximated): for each group alone, replace its weight by the rank-``r_p`` factorization
+``U_r U_r^T W`` (decompose.py), measure the increase ``Delta_g`` of the mean next-token loss on a small
+calibration batch, restore the dense weight. With ``e_g`` the group's normalised error curve, the predicted
+loss cost of rank ``r`` is ``w_g e_g(r)``, ``w_g = Delta_g / e_g(r_p)`` (first order in the output
+perturbation energy, one point per group); the ``auto`` plan minimises ``sum_g w_g e_g(r_g)``
+(lord/ranks.py). Cost: one forward of the unmodified model, then per group only the layers from the group's
+decoder layer on (their inputs are cached), so on average half a forward per probe.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+from tqdm.auto import tqdm
+
+from lord.decompose import Factorization
+from lord.errors import LordError
+from lord.ranks import max_factored_rank
+from lord.surgery import ADAPTERS, Group, model_type, stacked_weight
+
+# model_type -> final norm applied after the decoder layers (before the LM head)
+FINAL_NORMS = {"llama": "model.norm", "mistral": "model.norm", "qwen2": "model.norm",
+               "gpt_bigcode": "transformer.ln_f"}
+DELTA_FLOOR = 1e-3  # fraction of the largest probe loss increase given to groups whose probe cost ~nothing
+
+
+class _LayerTail:
+    """Inputs of every decoder layer from one forward, to rerun the model from layer ``i`` on (``loss_from``)."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor):
+        mt = model_type(model)
+        self.model, self.ids = model, ids
+        self.layers = model.get_submodule(ADAPTERS[mt][0])
+        self.norm = model.get_submodule(FINAL_NORMS[mt])
+        self.head = model.get_output_embeddings()
+        self.inputs: list[torch.Tensor] = []
+        self.args: tuple = ()
+        self.kwargs: dict = {}
+
+        def capture(_module, args, kwargs):
+            self.inputs.append(args[0].detach())
+            self.args, self.kwargs = args[1:], kwargs
+
+        handles = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in self.layers]
+        try:
+            self.dense_loss = _lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
+        finally:
+            for h in handles:
+                h.remove()
+        if len(self.inputs) != len(self.layers):
+            raise LordError(f"captured inputs of {len(self.inputs)} decoder layers, expected {len(self.layers)}")
+
+    def loss_from(self, layer: int) -> float:
+        h = self.inputs[layer]
+        for mod in self.layers[layer:]:
+            out = mod(h, *self.args, **self.kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+        return _lm_loss(self.head(self.norm(h)), self.ids)
+
+
+def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean next-token cross-entropy (fp32)."""
+    return float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+
+
+def _layer_index(group: Group, layers_path: str) -> int:
+    rest = group.name[len(layers_path) + 1:]
+    return int(rest.split(".", 1)[0])
+
+
+def probe_rank(group: Group, fact: Factorization, fraction: float) -> int:
+    """``round(fraction * max_factored_rank)``, at least 1 and within the factorization's ranks."""
+    return max(1, min(fact.max_rank, max_factored_rank(group.m, group.n), round(fraction * max_factored_rank(
+        group.m, group.n))))
+
+
+@torch.no_grad()
+def probe_sensitivities(model: nn.Module, groups: list[Group], facts: Mapping[str, Factorization],
+                        ids: torch.Tensor, probe_fraction: float = 0.5,
+                        progress: bool = True) -> dict[str, dict[str, float]]:
+    """Per group: ``probe_rank``, ``probe_error`` (= e_g(r_p)), ``delta_loss`` (raw), ``weight`` (= w_g).
+
+    The model is left exactly as given (each group's dense weights are restored after its probe).
+    """
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        raise LordError(f"sensitivity ids have shape {tuple(ids.shape)}; expected [n_seqs, seq_len >= 2]")
+    if not 0 < probe_fraction <= 1:
+        raise LordError(f"probe_fraction must be in (0, 1], got {probe_fraction}")
+    missing = [g.name for g in groups if g.name not in facts]
+    if missing:
+        raise LordError(f"no factorization for groups {missing[:3]} ({len(missing)} missing); "
+                        "factorize every group first (model_ops.factorize_groups)")
+    t0 = time.perf_counter()
+    layers_path = ADAPTERS[model_type(model)][0]
+    tail = _LayerTail(model, ids.to(next(model.parameters()).device))
+    out: dict[str, dict[str, float]] = {}
+    for g in tqdm(groups, desc="sensitivity probes", disable=not progress):
+        f = facts[g.name]
+        r = probe_rank(g, f, probe_fraction)
+        mods = [model.get_submodule(m) for m in g.members]
+        dense = [m.weight.detach().clone() for m in mods]
+        w, _ = stacked_weight(model, g)
+        up, down = f.factors(w, r)
+        try:
+            for mod, part in zip(mods, torch.split(up @ down, list(g.out_features), dim=0), strict=True):
+                mod.weight.copy_(part.to(mod.weight.dtype))
+            loss = tail.loss_from(_layer_index(g, layers_path))
+        finally:
+            for mod, wd in zip(mods, dense, strict=True):
+                mod.weight.copy_(wd)
+        out[g.name] = {"probe_rank": r, "probe_error": float(f.error_curve()[r]),
+                       "delta_loss": loss - tail.dense_loss}
+    if not all(torch.isfinite(torch.tensor(v["delta_loss"])) for v in out.values()):
+        raise LordError("a sensitivity probe gave a non-finite loss; check the model and calibration ids")
+    floor = DELTA_FLOOR * max([v["delta_loss"] for v in out.values()] + [1e-12])
+    for v in out.values():
+        v["weight"] = max(v["delta_loss"], floor) / max(v["probe_error"], 1e-12)
+    meta = {"dense_loss": tail.dense_loss, "probe_fraction": probe_fraction, "n_tokens": int(ids.numel()),
+            "seconds": time.perf_counter() - t0}
+    del tail
+    return {"_meta": meta, **out}
+
+
+def weights_of(sens: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """``{group: w_g}`` from ``probe_sensitivities`` output (its ``_meta`` entry dropped)."""
+    return {k: float(v["weight"]) for k, v in sens.items() if not k.startswith("_")}

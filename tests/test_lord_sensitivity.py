@@ -1,0 +1,139 @@
+"""Loss-probe sensitivity (lord/sensitivity.py) and the sensitivity-weighted ``auto`` plan, on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import lord
+from lord import LordError
+from lord.ranks import max_factored_rank
+from lord.sensitivity import _LayerTail, probe_sensitivities, weights_of
+
+VOCAB = 128
+
+
+def _llama(layers: int = 2, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    return AutoModelForCausalLM.from_config(cfg).float().eval()
+
+
+def _ids(n: int = 8, t: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(-3, 4, (n, t), generator=g).cumsum(1) % VOCAB).long()
+
+
+def _facts(model, ids):
+    groups = lord.find_groups(model)
+    stats = lord.collect_stats(model, groups, ids, progress=False)
+    return groups, lord.factorize_groups(model, groups, stats, ("lord",), progress=False)["lord"]
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_qwen2", "tiny_bigcode"])
+def tiny_any(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_layer_tail_reproduces_the_full_forward_loss(tiny_any, calib_ids):
+    """Rerunning from a cached layer input after changing a later layer equals a full forward."""
+    tail = _LayerTail(tiny_any, calib_ids[:4])
+    layers = tiny_any.get_submodule(lord.surgery.ADAPTERS[tiny_any.config.model_type][0])
+    with torch.no_grad():
+        for p in layers[-1].parameters():
+            p.mul_(1.5)
+        full = tiny_any(input_ids=calib_ids[:4], labels=calib_ids[:4]).loss
+    assert tail.loss_from(len(layers) - 1) == pytest.approx(float(full), rel=1e-5)
+    assert tail.loss_from(0) == pytest.approx(float(full), rel=1e-5)
+
+
+def test_sensitivities_finite_positive_and_model_restored(tiny_any, calib_ids):
+    groups, facts = _facts(tiny_any, calib_ids)
+    before = copy.deepcopy(tiny_any.state_dict())
+    sens = probe_sensitivities(tiny_any, groups, facts, calib_ids[:4], probe_fraction=0.5, progress=False)
+    for k, v in tiny_any.state_dict().items():
+        assert torch.equal(v, before[k]), k  # every probe restored the dense weights exactly
+    json.dumps(sens)  # serialisable as written to the checkpoint dir
+    w = weights_of(sens)
+    assert set(w) == {g.name for g in groups}
+    assert all(math.isfinite(x) and x > 0 for x in w.values())
+    for g in groups:
+        assert 1 <= sens[g.name]["probe_rank"] <= max_factored_rank(g.m, g.n)
+        assert 0 < sens[g.name]["probe_error"] <= 1
+
+
+def test_weighted_plan_hits_target_and_respects_parity(tiny_llama, calib_ids):
+    groups, facts = _facts(tiny_llama, calib_ids)
+    sens = probe_sensitivities(tiny_llama, groups, facts, calib_ids[:4], progress=False)
+    curves = {k: f.error_curve() for k, f in facts.items()}
+    total = lord.count_params(tiny_llama)
+    for reduction in (0.05, 0.15, 0.3):
+        ranks = lord.rank_plan(groups, total, "auto", reduction, curves, weights=weights_of(sens))
+        s = lord.plan_summary(groups, ranks, total)
+        assert reduction <= s["param_reduction"] < reduction + 0.04
+        for g in groups:
+            assert ranks[g.name] is None or 1 <= ranks[g.name] <= max_factored_rank(g.m, g.n)
+    with pytest.raises(LordError, match="positive weight"):
+        lord.rank_plan(groups, total, "auto", 0.1, curves, weights={groups[0].name: 1.0})
+
+
+def _trained_llama() -> tuple[torch.nn.Module, torch.Tensor]:
+    """A 3-layer tiny Llama fitted for 80 Adam steps to random-walk ids (~3 s), so loss reacts to its weights."""
+    model, ids = _llama(layers=3), _ids(16, 64)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(80):
+        loss = model(input_ids=ids[:8], labels=ids[:8]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), ids
+
+
+def test_a_group_made_sensitive_keeps_more_rank():
+    """Scaling one down_proj by 8 leaves its normalised error curve unchanged (the curve is scale-free) but
+    makes its truncation move the residual stream 8x as much: the probe must rank it most sensitive of its
+    type, and the weighted plan must give it more rank than the unweighted (spectrum) plan does."""
+    model, ids = _trained_llama()
+    target = "model.layers.2.mlp.down_proj"  # the last group: every other group's statistics stay the same
+    with torch.no_grad():
+        model.get_submodule(target).weight.mul_(8.0)
+    groups, facts = _facts(model, ids)
+    curves = {k: f.error_curve() for k, f in facts.items()}
+    total = lord.count_params(model)
+    sens = probe_sensitivities(model, groups, facts, ids[8:12], progress=False)
+    others = [v["weight"] for k, v in sens.items() if k.endswith("down_proj") and k != target]
+    assert sens[target]["weight"] > max(others)
+    g = next(x for x in groups if x.name == target)
+    dense = max_factored_rank(g.m, g.n) + 1  # a dense group counts as more rank than any factored one
+    plain = lord.rank_plan(groups, total, "spectrum", 0.3, curves)[target] or dense
+    weighted = lord.rank_plan(groups, total, "auto", 0.3, curves, weights=weights_of(sens))[target] or dense
+    assert plain < dense  # the unweighted plan cuts it (scale-free curve)...
+    assert weighted > plain  # ...the measured sensitivity protects it
+
+
+def test_decompose_model_auto_needs_ids_and_reports_sensitivities(tiny_llama, calib_ids):
+    groups = lord.find_groups(tiny_llama)
+    stats = lord.collect_stats(tiny_llama, groups, calib_ids, progress=False)
+    cfg = lord.DecomposeConfig(plan="auto", reduction=0.1)
+    with pytest.raises(LordError, match="sensitivity_ids"):
+        lord.decompose_model(copy.deepcopy(tiny_llama), stats, cfg, progress=False)
+    model = copy.deepcopy(tiny_llama)
+    report = lord.decompose_model(model, stats, cfg, progress=False, sensitivity_ids=calib_ids[:4])
+    assert report.metrics["param_reduction"] >= 0.1
+    assert set(weights_of(report.sensitivities)) == {g.name for g in groups}
+    assert report.metrics["sensitivity_seconds"] > 0
+
+
+def test_config_validates_sensitivity_fields():
+    with pytest.raises(LordError, match="probe_fraction"):
+        lord.DecomposeConfig(plan="auto", probe_fraction=0.0)
+    with pytest.raises(LordError, match="sensitivity_seqs"):
+        lord.DecomposeConfig(plan="auto", sensitivity_seqs=0)
