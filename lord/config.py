@@ -9,6 +9,8 @@ from lord.decompose import METHODS
 from lord.errors import LordError
 from lord.ranks import PLANS
 
+SENSITIVITIES = ("probe", "fisher")
+
 
 @dataclass(frozen=True)
 class CalibConfig:
@@ -40,7 +42,8 @@ class DecomposeConfig:
     group. ``damping`` only affects ``whiten`` (fraction of the Gram's mean diagonal added before Cholesky).
     ``sensitivity_*`` (plan ``auto`` only, lord/sensitivity.py): the loss-probe batch (``sensitivity_seqs``
     windows of ``sensitivity_seq_len`` calibration tokens, ``sensitivity_seed``) and the probe rank as a
-    fraction of each group's largest factored rank.
+    fraction of each group's largest factored rank; ``sensitivity="fisher"`` replaces the probes by one
+    backward (cheaper, measured weaker: see lord/ranks.py).
     """
 
     method: str = "lord"
@@ -54,6 +57,7 @@ class DecomposeConfig:
     sensitivity_seq_len: int = 256
     sensitivity_seed: int = 1
     probe_fraction: float = 0.75
+    sensitivity: str = "probe"  # "probe" (per-group loss probes) or "fisher" (one backward), lord/sensitivity.py
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -73,6 +77,8 @@ class DecomposeConfig:
         if self.sensitivity_seqs < 1 or self.sensitivity_seq_len < 2:
             raise LordError(f"sensitivity_seqs must be >= 1 and sensitivity_seq_len >= 2, got "
                             f"{self.sensitivity_seqs}, {self.sensitivity_seq_len}")
+        if self.sensitivity not in SENSITIVITIES:
+            raise LordError(f"sensitivity {self.sensitivity!r} is unknown; expected one of {SENSITIVITIES}")
         if not 0 < self.probe_fraction <= 1:
             raise LordError(f"probe_fraction must be in (0, 1] (of each group's largest factored rank), got "
                             f"{self.probe_fraction}")

@@ -18,7 +18,7 @@ from lord.config import DecomposeConfig
 from lord.decompose import Factorization, factorize
 from lord.errors import LordError
 from lord.ranks import plan_summary, rank_plan
-from lord.sensitivity import probe_sensitivities, weights_of
+from lord.sensitivity import fisher_sensitivities, probe_sensitivities, weights_of
 from lord.stats import GroupStats
 from lord.surgery import Group, factor_group, find_groups, stacked_weight
 
@@ -91,7 +91,10 @@ def decompose_model(model: nn.Module, stats: Mapping[str, GroupStats], cfg: Deco
             raise LordError("plan 'auto' weights each group by a measured loss probe and needs "
                             "sensitivity_ids (calibration token ids [n_seqs, seq_len]); pass them, or use plan "
                             "'spectrum' (unweighted) or 'uniform'")
-        sens = probe_sensitivities(model, groups, facts, sensitivity_ids, cfg.probe_fraction, progress)
+        if cfg.sensitivity == "fisher":
+            sens = fisher_sensitivities(model, groups, facts, sensitivity_ids, progress=progress)
+        else:
+            sens = probe_sensitivities(model, groups, facts, sensitivity_ids, cfg.probe_fraction, progress)
     ranks = rank_plan(groups, total, cfg.plan, cfg.reduction, curves, cfg.rank_reduction,
                       weights_of(sens) if sens is not None else None)
     report = apply_ranks(model, groups, facts, ranks, total)

@@ -125,7 +125,7 @@ def probe_sensitivities(model: nn.Module, groups: list[Group], facts: Mapping[st
     floor = DELTA_FLOOR * max([v["delta_loss"] for v in out.values()] + [1e-12])
     for v in out.values():
         v["weight"] = max(v["delta_loss"], floor) / max(v["probe_error"], 1e-12)
-    meta = {"dense_loss": tail.dense_loss, "probe_fraction": probe_fraction, "n_tokens": int(ids.numel()),
+    meta = {"method": "probe", "dense_loss": tail.dense_loss, "probe_fraction": probe_fraction, "n_tokens": int(ids.numel()),
             "seconds": time.perf_counter() - t0}
     del tail
     return {"_meta": meta, **out}
@@ -134,3 +134,60 @@ def probe_sensitivities(model: nn.Module, groups: list[Group], facts: Mapping[st
 def weights_of(sens: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """``{group: w_g}`` from ``probe_sensitivities`` output (its ``_meta`` entry dropped)."""
     return {k: float(v["weight"]) for k, v in sens.items() if not k.startswith("_")}
+
+
+def fisher_sensitivities(model: nn.Module, groups: list[Group], facts: Mapping[str, Factorization],
+                         ids: torch.Tensor, batch_size: int = 4,
+                         progress: bool = True) -> dict[str, dict[str, float]]:
+    """Cheaper alternative to the probes: one backward, ``w_g = E||dL/dY_g||^2 / m_g * tr(C_g)``.
+
+    Second order in the output perturbation with an isotropic empirical Fisher per group (cf. the
+    Fisher-weighted SVD of Hsu et al. 2022, Sec. 3, taken per group instead of per weight row): a rank-r
+    truncation with normalised error ``e`` perturbs the outputs by energy ``e tr(C)`` and costs ~
+    ``E||g||^2 / m`` per unit energy.
+    """
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        raise LordError(f"sensitivity ids have shape {tuple(ids.shape)}; expected [n_seqs, seq_len >= 2]")
+    t0 = time.perf_counter()
+    energy = {g.name: 0.0 for g in groups}
+    owner = {m: g.name for g in groups for m in g.members}
+
+    def add(name: str, grad: torch.Tensor) -> None:
+        energy[name] += float(grad.double().square().sum())
+
+    def on_output(name: str):
+        def fwd(_module, _args, out):
+            out.register_hook(lambda grad: add(name, grad))
+        return fwd
+
+    # no weight gradients (no 4-bytes-per-parameter buffers): make the embedding output the leaf instead
+    handles = [model.get_submodule(m).register_forward_hook(on_output(n)) for m, n in owner.items()]
+    handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_()))
+    requires = {p: p.requires_grad for p in model.parameters()}
+    device = next(model.parameters()).device
+    n_batches = 0
+    try:
+        for p in requires:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for i in tqdm(range(0, ids.shape[0], batch_size), desc="fisher", disable=not progress):
+                x = ids[i:i + batch_size].to(device)
+                logits = model(input_ids=x, use_cache=False).logits
+                loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+                loss.backward()
+                n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for p, r in requires.items():
+            p.requires_grad_(r)
+    out: dict[str, dict[str, float]] = {}
+    for g in groups:
+        e = energy[g.name] / n_batches
+        out[g.name] = {"grad_energy": e, "output_energy": facts[g.name].total,
+                       "weight": e / g.m * facts[g.name].total}
+    top = max(v["weight"] for v in out.values())
+    for v in out.values():
+        v["weight"] = max(v["weight"], DELTA_FLOOR * top, 1e-30)
+    meta = {"method": "fisher", "n_tokens": int(ids.numel()), "seconds": time.perf_counter() - t0}
+    return {"_meta": meta, **out}

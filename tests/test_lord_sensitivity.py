@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import lord
 from lord import LordError
 from lord.ranks import max_factored_rank
-from lord.sensitivity import _LayerTail, probe_sensitivities, weights_of
+from lord.sensitivity import _LayerTail, fisher_sensitivities, probe_sensitivities, weights_of
 
 VOCAB = 128
 
@@ -67,6 +67,14 @@ def test_sensitivities_finite_positive_and_model_restored(tiny_any, calib_ids):
     for g in groups:
         assert 1 <= sens[g.name]["probe_rank"] <= max_factored_rank(g.m, g.n)
         assert 0 < sens[g.name]["probe_error"] <= 1
+
+
+def test_fisher_weights_finite_positive_and_leave_no_gradients(tiny_any, calib_ids):
+    groups, facts = _facts(tiny_any, calib_ids)
+    w = weights_of(fisher_sensitivities(tiny_any, groups, facts, calib_ids[:4], batch_size=2, progress=False))
+    assert set(w) == {g.name for g in groups}
+    assert all(math.isfinite(x) and x > 0 for x in w.values())
+    assert all(p.grad is None and p.requires_grad for p in tiny_any.parameters())
 
 
 def test_weighted_plan_hits_target_and_respects_parity(tiny_llama, calib_ids):
