@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: install run test lint bench serve stop clean
+.PHONY: install run test lint bench serve stop deploy-check clean
 
 install: $(STAMP)
 
@@ -47,6 +47,10 @@ serve: install
 
 stop:
 	$(BIN)/lord serve --stop
+
+# servers on free loopback ports, deploy, run lord-pipeline/default with tiny params, verify MLflow, shut down
+deploy-check: install
+	bash bench/deployment_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
