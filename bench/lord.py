@@ -24,12 +24,13 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import lord  # noqa: E402
 from artifacts import write_json_atomic  # noqa: E402
 from evaluation import perplexity  # noqa: E402
-from lord.sensitivity import probe_sensitivities, weights_of  # noqa: E402
+from lord.sensitivity import fisher_sensitivities, probe_sensitivities, weights_of  # noqa: E402
 from sources import batches_digest, calibration_batches, code_split, load_model  # noqa: E402
 
 REDUCTIONS = (0.1, 0.2, 0.3)
 GRID = [("lord", "uniform"), ("lord", "budget"), ("lord", "spectrum"), ("lord", "auto"), ("whiten", "uniform"),
         ("whiten", "auto"), ("svd", "uniform"), ("svd", "auto")]
+WEIGHTED = ("auto", "auto-fisher")  # `auto` with loss-probe weights, and with Fisher weights (bench label only)
 SENS = lord.DecomposeConfig()  # sensitivity probe batch and probe rank: the library defaults
 CALIB = {"smollm2-135m": (32, 512), "qwen2.5-coder-0.5b": (32, 512)}  # (n_seqs, seq_len)
 OVERHEAD_SEQS = 4  # sequences timed for the calibration overhead ratio (alternated with plain forwards)
@@ -77,15 +78,22 @@ def run_model(name: str, split, grid: list[tuple[str, str]], reductions: tuple[f
     gc.collect()
     sens_ids = calibration_batches(tok, split.calibration, n_seqs=SENS.sensitivity_seqs,
                                    seq_len=SENS.sensitivity_seq_len, seed=SENS.sensitivity_seed)
-    weights, sens_summary = {}, {}
-    for method in dict.fromkeys(m for m, p in grid if p == "auto"):
-        sens = probe_sensitivities(model, groups, facts[method], sens_ids, SENS.probe_fraction)
-        weights[method] = weights_of(sens)
-        write_json_atomic(RESULTS / f"lord_sensitivity_{name}_{method}.json", sens)
-        sens_summary[method] = {"seconds": round(sens["_meta"]["seconds"], 1),
-                                "file": f"lord_sensitivity_{name}_{method}.json",
-                                "delta_loss_by_type": _by_type(sens)}
-        print(name, method, "sensitivity", json.dumps(sens_summary[method]), flush=True)
+    weights, sens_summary = {}, {}  # (method, plan) -> group weights; plan auto: probes, auto-fisher: Fisher
+    for method, plan in grid:
+        if plan not in WEIGHTED:
+            continue
+        if plan == "auto":
+            sens = probe_sensitivities(model, groups, facts[method], sens_ids, SENS.probe_fraction)
+        else:
+            sens = fisher_sensitivities(model, groups, facts[method], sens_ids)
+        weights[method, plan] = weights_of(sens)
+        key = f"{method}_{plan}"
+        write_json_atomic(RESULTS / f"lord_sensitivity_{name}_{key}.json", sens)
+        sens_summary[key] = {"seconds": round(sens["_meta"]["seconds"], 1),
+                             "file": f"lord_sensitivity_{name}_{key}.json"}
+        if plan == "auto":
+            sens_summary[key]["delta_loss_by_type"] = _by_type(sens)
+        print(name, key, "sensitivity", json.dumps(sens_summary[key]), flush=True)
 
     summary = {
         "model": name, "params_dense": total, "ppl_dense": round(dense.ppl, 4), "ppl_protocol": ppl_protocol,
@@ -100,8 +108,8 @@ def run_model(name: str, split, grid: list[tuple[str, str]], reductions: tuple[f
     for method, plan in grid:
         curves = {k: f.error_curve() for k, f in facts[method].items()}
         for reduction in reductions:
-            ranks = lord.rank_plan(groups, total, plan, reduction, curves,
-                                   weights=weights.get(method) if plan == "auto" else None)
+            ranks = lord.rank_plan(groups, total, "auto" if plan in WEIGHTED else plan, reduction, curves,
+                                   weights=weights.get((method, plan)))
             factored = copy.deepcopy(model)
             t0 = time.perf_counter()
             report = lord.apply_ranks(factored, groups, facts[method], ranks, total)
@@ -121,7 +129,7 @@ def run_model(name: str, split, grid: list[tuple[str, str]], reductions: tuple[f
                 "forward_ratio": round(res.seconds / dense.seconds, 3),
                 "ratio_of": "held-out ppl pass seconds, factored / dense (same windows, same run)",
                 "params": m["params_total_factored"], "params_dense": total,
-                "sensitivity_weighted": plan == "auto",
+                "sensitivity_weighted": plan in WEIGHTED,
             }
             print(json.dumps(rec), flush=True)
             uni = next((x for x in records if x["method"] == method and x["plan"] == "uniform"
@@ -162,12 +170,14 @@ def compare(records: list[dict]) -> list[dict]:
         svd = key.get((model, "svd", plan, red))
         svd_uni = key.get((model, "svd", "uniform", red))
         spec = key.get((model, "lord", "spectrum", red))
+        fisher = key.get((model, "lord", "auto-fisher", red))
         out.append({
             "model": model, "target_param_reduction": red,
             "lord_over_svd_ppl_increase_auto": ratio(r, svd),
             "lord_over_svd_ppl_increase_uniform": ratio(uni, svd_uni),
             "auto_over_uniform_ppl_increase_lord": ratio(r, uni),
             "spectrum_over_uniform_ppl_increase_lord": ratio(spec, uni),
+            "auto_fisher_over_uniform_ppl_increase_lord": ratio(fisher, uni),
         })
     return out
 
@@ -183,7 +193,8 @@ def plot(records: list[dict]) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for model in sorted({r["model"] for r in records}):
             dense = next(r["ppl_dense"] for r in records if r["model"] == model)
-            for plan, style in (("uniform", "--o"), ("budget", ":s"), ("spectrum", "-.d"), ("auto", "-^")):
+            for plan, style in (("uniform", "--o"), ("budget", ":s"), ("spectrum", "-.d"), ("auto-fisher", ":v"),
+                                ("auto", "-^")):
                 pts = sorted((r["param_reduction"], r["ppl"]) for r in records
                              if r["model"] == model and r["method"] == method and r["plan"] == plan)
                 if pts:
@@ -220,7 +231,7 @@ def main() -> None:
     ppl_protocol = {**PPL_PROTOCOL, "n_windows": args.windows}
     split = code_split()
     prev = RESULTS / "lord.json"
-    records, summaries = [], []
+    records, summaries, prev_summaries = [], [], {}
     if prev.is_file():
         old = json.loads(prev.read_text())
         for r in old.get("records", []):  # before loss-probe weighting, `auto` was today's `spectrum`
@@ -230,6 +241,7 @@ def main() -> None:
         records = [r for r in old.get("records", []) if r["model"] not in args.models
                    or (r["method"], r["plan"]) not in grid]
         summaries = [s for s in old.get("models", []) if s["model"] not in args.models]
+        prev_summaries = {s["model"]: s for s in old.get("models", [])}
     def write(recs: list[dict], summary: dict) -> None:
         protocol = {
             "heldout": "stdlib top-level *.py, held-out split", "split_digest": split.digest,
@@ -241,6 +253,8 @@ def main() -> None:
             "rank_reduction": "mean over factored groups of 1 - r/min(m, n)",
             "note": "embedded weights were Q4-Q8 GGUF before we got them; dense = dequantized float32",
         }
+        before = prev_summaries.get(summary["model"], {}).get("sensitivity", {})
+        summary["sensitivity"] = {**before, **summary["sensitivity"]}  # probes of grid entries not rerun
         allrecs = records + recs
         write_results("lord", protocol, allrecs, models=summaries + [summary], comparisons=compare(allrecs),
                       figures=plot(allrecs))

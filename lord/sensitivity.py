@@ -52,25 +52,29 @@ class _LayerTail:
             self.args, self.kwargs = args[1:], kwargs
 
         handles = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in self.layers]
-        try:
-            self.dense_loss = _lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
+        try:  # the base model (no LM head): logits are formed one sequence at a time in _loss
+            hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
         finally:
             for h in handles:
                 h.remove()
         if len(self.inputs) != len(self.layers):
             raise LordError(f"captured inputs of {len(self.inputs)} decoder layers, expected {len(self.layers)}")
+        self.dense_loss = self._loss(hidden)
 
     def loss_from(self, layer: int) -> float:
         h = self.inputs[layer]
         for mod in self.layers[layer:]:
             out = mod(h, *self.args, **self.kwargs)
             h = out[0] if isinstance(out, tuple) else out
-        return _lm_loss(self.head(self.norm(h)), self.ids)
+        return self._loss(self.norm(h))
 
-
-def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    """Mean next-token cross-entropy (fp32)."""
-    return float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+    def _loss(self, normed: torch.Tensor) -> float:
+        """Mean next-token cross-entropy, one sequence's logits at a time (a 150k vocab x 2k tokens is 1 GB)."""
+        total = 0.0
+        for i in range(normed.shape[0]):
+            logits = self.head(normed[i, :-1]).float()
+            total += float(F.cross_entropy(logits, self.ids[i, 1:], reduction="sum"))
+        return total / (self.ids.shape[0] * (self.ids.shape[1] - 1))
 
 
 def _layer_index(group: Group, layers_path: str) -> int:

@@ -45,6 +45,9 @@ def tiny_any(request):
 def test_layer_tail_reproduces_the_full_forward_loss(tiny_any, calib_ids):
     """Rerunning from a cached layer input after changing a later layer equals a full forward."""
     tail = _LayerTail(tiny_any, calib_ids[:4])
+    with torch.no_grad():
+        assert tail.dense_loss == pytest.approx(float(tiny_any(input_ids=calib_ids[:4], labels=calib_ids[:4]).loss),
+                                                rel=1e-5)
     layers = tiny_any.get_submodule(lord.surgery.ADAPTERS[tiny_any.config.model_type][0])
     with torch.no_grad():
         for p in layers[-1].parameters():
