@@ -30,6 +30,8 @@ class EvalConfig:
     humaneval_temperature: float = 0.0
     humaneval_max_new_tokens: int = 384
     humaneval_batch_size: int = 8
+    humaneval_workers: int = 2  # parallel sandboxed executions
+    humaneval_timeout_seconds: float = 10.0  # wall clock per completion
     allow_execution: bool = False  # generated code runs only when the caller opts in
     device: str = "cpu"
 
@@ -43,6 +45,9 @@ class EvalConfig:
             raise EvalError(f"humaneval_temperature={self.humaneval_temperature} must be >= 0")
         if self.humaneval_n > 1 and self.humaneval_temperature == 0:
             raise EvalError("humaneval_n > 1 needs humaneval_temperature > 0 (greedy samples are identical)")
+        if self.humaneval_workers < 1 or self.humaneval_timeout_seconds <= 0:
+            raise EvalError(f"humaneval_workers={self.humaneval_workers} must be >= 1 and humaneval_timeout_seconds="
+                            f"{self.humaneval_timeout_seconds} > 0")
         if self.humaneval_problems and not self.allow_execution:
             raise EvalError("HumanEval runs generated code: set allow_execution=True (--allow-code-execution) "
                             "to opt in, or humaneval_problems=0 to skip it")
@@ -73,11 +78,13 @@ def evaluate_to_dir(model: str, cfg: EvalConfig, out_dir: Path) -> dict[str, Any
         if cfg.humaneval_problems:
             from .generate import GenerationConfig
             from .humaneval import HumanEvalConfig, humaneval_to_dir
+            from .sandbox import SandboxConfig
 
             gen = GenerationConfig(max_new_tokens=cfg.humaneval_max_new_tokens, batch_size=cfg.humaneval_batch_size,
                                    n_samples=cfg.humaneval_n, temperature=cfg.humaneval_temperature)
             ks = tuple(k for k in (1, 10, 100) if k <= cfg.humaneval_n)
-            he_cfg = HumanEvalConfig(limit=cfg.humaneval_problems, ks=ks, generation=gen,
+            box = SandboxConfig(workers=cfg.humaneval_workers, wall_seconds=cfg.humaneval_timeout_seconds)
+            he_cfg = HumanEvalConfig(limit=cfg.humaneval_problems, ks=ks, generation=gen, sandbox=box,
                                      allow_execution=cfg.allow_execution)
             # beside out_dir, not inside the temp dir: its partial completions survive a crash and resume
             he_dir = out_dir.with_name(f"{out_dir.name}.humaneval")
