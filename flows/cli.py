@@ -169,6 +169,11 @@ def _library_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--model", required=True, help="embedded name, HF dir or artifact dir")
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
+    q.add_argument("--group-size", type=int, help="columns per grid; -1 = per output channel (default: preset's)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ in order of decreasing Hessian diagonal")
+    q.add_argument("--outliers", type=float, metavar="THRESHOLD",
+                   help="SpQR-style outliers: keep weights whose scaled error exceeds THRESHOLD in float (e.g. 0.2)")
+    q.add_argument("--method", choices=("gptq", "rtn"), help="default gptq; rtn is the round-to-nearest baseline")
     q.add_argument("--preset", choices=sorted(PRESETS), default="default", help="config defaults to start from")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="any QuantConfig field, e.g. --set group_size=64 --set outlier_threshold=0.2")
@@ -189,7 +194,8 @@ def _library_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--seq-len", type=_positive, default=512)
     e.add_argument("--n-windows", type=_positive, default=16)
-    e.add_argument("--humaneval", action="store_true", help="HumanEval only (flags below) instead of perplexity")
+    e.add_argument("--no-ppl", dest="ppl", action="store_false", help="skip held-out perplexity")
+    e.add_argument("--humaneval", action="store_true", help="also HumanEval pass@k (flags below) into OUT/humaneval")
     from evaluation.humaneval_cli import add_humaneval_args
 
     add_humaneval_args(e)
@@ -210,7 +216,10 @@ def _cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from flows.stages import build_config
     from quant import quantize_to_dir
 
+    flags = {"group_size": args.group_size, "outlier_threshold": args.outliers, "method": args.method,
+             "act_order": True if args.act_order else None}
     kwargs = {**PRESETS[args.preset]["quantize"], "bits": args.bits,
+              **{k: v for k, v in flags.items() if v is not None},
               **parse_overrides(args.overrides, "quantize").get("quantize", {})}
     return quantize_to_dir(args.model, build_config("quantize", kwargs), args.out)
 
@@ -223,14 +232,25 @@ def _cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    if args.humaneval:
+    if not (args.ppl or args.humaneval):
+        raise FlowError("lord eval with --no-ppl and no --humaneval has nothing to do; drop --no-ppl or add --humaneval.")
+    metrics: dict[str, Any] = {}
+    if args.humaneval:  # validated (opt-in, limits) before the perplexity pass spends any time
         from evaluation.humaneval import humaneval_to_dir
         from evaluation.humaneval_cli import config_from_args
 
-        return humaneval_to_dir(args.model, config_from_args(args), args.out)
-    from evaluation import EvalConfig, evaluate_to_dir
+        he_cfg = config_from_args(args)
+        if not he_cfg.allow_execution:
+            raise FlowError("--humaneval runs model-generated code: add --allow-code-execution to opt in "
+                            "(it runs in the sandbox), or drop --humaneval.")
+    if args.ppl:
+        from evaluation import EvalConfig, evaluate_to_dir
 
-    return evaluate_to_dir(args.model, EvalConfig(seq_len=args.seq_len, n_windows=args.n_windows), args.out)
+        metrics.update(evaluate_to_dir(args.model, EvalConfig(seq_len=args.seq_len, n_windows=args.n_windows),
+                                       args.out / "ppl"))
+    if args.humaneval:
+        metrics.update(humaneval_to_dir(args.model, he_cfg, args.out / "humaneval"))
+    return metrics
 
 
 if __name__ == "__main__":

@@ -202,3 +202,19 @@ def test_prefect_yaml_declares_default_and_weekly_retrain():
 
     CronSchedule(cron=deps["retrain"]["schedules"][0]["cron"], timezone="UTC")  # valid cron
 
+
+
+def test_cli_quantize_flags_and_eval_opt_in(tmp_path):
+    """`lord quantize` takes the issue's flags; `lord eval --humaneval` refuses without the opt-in."""
+    import json as _json
+
+    from flows.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", TINY, "--out", str(out), "--group-size", "16", "--outliers", "0.2",
+                 "--act-order"]) == 0
+    qcfg = _json.loads((out / "quantize_config.json").read_text())
+    assert qcfg["group_size"] == 16 and qcfg["desc_act"] is True and qcfg["bits"] == 4
+    assert _json.loads((out / "metrics.json").read_text())["outlier_fraction"] > 0
+    assert main(["eval", "--model", TINY, "--out", str(tmp_path / "e"), "--humaneval", "--limit", "1"]) == 2
+    assert not (tmp_path / "e").exists()
