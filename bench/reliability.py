@@ -124,6 +124,7 @@ def kill_points(work: Path) -> list[dict[str, Any]]:
     from flows.testing import shared_prefect_harness, temp_mlflow_store
 
     records = []
+    (work / "mlflow").mkdir(parents=True, exist_ok=True)
     with shared_prefect_harness() as api, temp_mlflow_store(work / "mlflow") as store:
         reference = lord_pipeline(**tiny_params(work / "reference"))
         for stage in KILL_POINTS:
