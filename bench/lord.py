@@ -1,5 +1,5 @@
-"""LoRD vs plain SVD vs whitening, uniform vs budget vs spectrum vs auto (loss-probe weighted) rank plans, at 10/20/30% whole-model parameter
-reduction: held-out ppl, decomposition wall time, calibration overhead, forward-time ratio; one run per model.
+"""LoRD vs plain SVD vs whitening, uniform vs budget vs spectrum vs auto (Fisher- or probe-weighted) rank plans,
+at 10/20/30% whole-model parameter reduction: held-out ppl, decomposition wall time, calibration overhead, forward-time ratio; one run per model.
 
 Run (heavy): flock /tmp/heavy.lock .venv/bin/python bench/lord.py --models smollm2-135m qwen2.5-coder-0.5b
 Records of models not named on the command line are kept from the previous results file.
@@ -30,7 +30,7 @@ from sources import batches_digest, calibration_batches, code_split, load_model 
 REDUCTIONS = (0.1, 0.2, 0.3)
 GRID = [("lord", "uniform"), ("lord", "budget"), ("lord", "spectrum"), ("lord", "auto"), ("whiten", "uniform"),
         ("whiten", "auto"), ("svd", "uniform"), ("svd", "auto")]
-WEIGHTED = ("auto", "auto-fisher")  # `auto` with loss-probe weights, and with Fisher weights (bench label only)
+WEIGHTED = ("auto", "auto-probe")  # `auto` (Fisher weights, the library default) and with loss-probe weights
 SENS = lord.DecomposeConfig()  # sensitivity probe batch and probe rank: the library defaults
 CALIB = {"smollm2-135m": (32, 512), "qwen2.5-coder-0.5b": (32, 512)}  # (n_seqs, seq_len)
 OVERHEAD_SEQS = 4  # sequences timed for the calibration overhead ratio (alternated with plain forwards)
@@ -78,11 +78,11 @@ def run_model(name: str, split, grid: list[tuple[str, str]], reductions: tuple[f
     gc.collect()
     sens_ids = calibration_batches(tok, split.calibration, n_seqs=SENS.sensitivity_seqs,
                                    seq_len=SENS.sensitivity_seq_len, seed=SENS.sensitivity_seed)
-    weights, sens_summary = {}, {}  # (method, plan) -> group weights; plan auto: probes, auto-fisher: Fisher
+    weights, sens_summary = {}, {}  # (method, plan) -> group weights; auto: Fisher, auto-probe: loss probes
     for method, plan in grid:
         if plan not in WEIGHTED:
             continue
-        if plan == "auto":
+        if plan == "auto-probe":
             sens = probe_sensitivities(model, groups, facts[method], sens_ids, SENS.probe_fraction)
         else:
             sens = fisher_sensitivities(model, groups, facts[method], sens_ids)
@@ -91,7 +91,7 @@ def run_model(name: str, split, grid: list[tuple[str, str]], reductions: tuple[f
         write_json_atomic(RESULTS / f"lord_sensitivity_{name}_{key}.json", sens)
         sens_summary[key] = {"seconds": round(sens["_meta"]["seconds"], 1),
                              "file": f"lord_sensitivity_{name}_{key}.json"}
-        if plan == "auto":
+        if plan == "auto-probe":
             sens_summary[key]["delta_loss_by_type"] = _by_type(sens)
         print(name, key, "sensitivity", json.dumps(sens_summary[key]), flush=True)
 
@@ -170,14 +170,14 @@ def compare(records: list[dict]) -> list[dict]:
         svd = key.get((model, "svd", plan, red))
         svd_uni = key.get((model, "svd", "uniform", red))
         spec = key.get((model, "lord", "spectrum", red))
-        fisher = key.get((model, "lord", "auto-fisher", red))
+        probe = key.get((model, "lord", "auto-probe", red))
         out.append({
             "model": model, "target_param_reduction": red,
             "lord_over_svd_ppl_increase_auto": ratio(r, svd),
             "lord_over_svd_ppl_increase_uniform": ratio(uni, svd_uni),
             "auto_over_uniform_ppl_increase_lord": ratio(r, uni),
             "spectrum_over_uniform_ppl_increase_lord": ratio(spec, uni),
-            "auto_fisher_over_uniform_ppl_increase_lord": ratio(fisher, uni),
+            "auto_probe_over_uniform_ppl_increase_lord": ratio(probe, uni),
         })
     return out
 
@@ -193,7 +193,7 @@ def plot(records: list[dict]) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for model in sorted({r["model"] for r in records}):
             dense = next(r["ppl_dense"] for r in records if r["model"] == model)
-            for plan, style in (("uniform", "--o"), ("budget", ":s"), ("spectrum", "-.d"), ("auto-fisher", ":v"),
+            for plan, style in (("uniform", "--o"), ("budget", ":s"), ("spectrum", "-.d"), ("auto-probe", ":v"),
                                 ("auto", "-^")):
                 pts = sorted((r["param_reduction"], r["ppl"]) for r in records
                              if r["model"] == model and r["method"] == method and r["plan"] == plan)

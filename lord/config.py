@@ -42,12 +42,12 @@ class DecomposeConfig:
     group. ``damping`` only affects ``whiten`` (fraction of the Gram's mean diagonal added before Cholesky).
     ``sensitivity_*`` (plan ``auto`` only, lord/sensitivity.py): the loss-probe batch (``sensitivity_seqs``
     windows of ``sensitivity_seq_len`` calibration tokens, ``sensitivity_seed``) and the probe rank as a
-    fraction of each group's largest factored rank; ``sensitivity="fisher"`` replaces the probes by one
-    backward (cheaper, measured weaker: see lord/ranks.py).
+    fraction of each group's largest factored rank (``sensitivity="probe"`` only; the default ``"fisher"``
+    needs one backward over the same batch and measured far better, see lord/ranks.py).
     """
 
     method: str = "lord"
-    plan: str = "uniform"  # measured best for LoRD on smollm2-135m (bench/results/lord.json); see lord/ranks.py
+    plan: str = "auto"  # Fisher-weighted: beats uniform at 10/20/30% on smollm2-135m (bench/results/lord.json)
     reduction: float | None = 0.1
     rank_reduction: float | None = None
     targets: tuple[str, ...] = ("*",)
@@ -57,7 +57,7 @@ class DecomposeConfig:
     sensitivity_seq_len: int = 256
     sensitivity_seed: int = 1
     probe_fraction: float = 0.75
-    sensitivity: str = "probe"  # "probe" (per-group loss probes) or "fisher" (one backward), lord/sensitivity.py
+    sensitivity: str = "fisher"  # "fisher" (one backward) or "probe" (per-group loss probes), lord/sensitivity.py
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
