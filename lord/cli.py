@@ -29,6 +29,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("--reduction", type=float, default=0.1, help="whole-model parameter reduction in (0, 1)")
     dec.add_argument("--rank-reduction", type=float, help="uniform plan only: 1 - r/min(m, n) for every group")
     dec.add_argument("--damping", type=float, default=0.01, help="whitening damping (fraction of mean diag G)")
+    dec.add_argument("--sensitivity", choices=("fisher", "probe"), default="fisher",
+                     help="plan auto: how group sensitivity is measured (fisher: one backward pass)")
     dec.set_defaults(func=_decompose)
 
 
@@ -57,7 +59,7 @@ def _decompose(a: argparse.Namespace) -> dict:
 
     cfg = DecomposeConfig(method=a.method, plan=a.plan, reduction=None if a.rank_reduction else a.reduction,
                           rank_reduction=a.rank_reduction, targets=tuple(a.targets), ignore=tuple(a.ignore),
-                          damping=a.damping)
+                          damping=a.damping, sensitivity=a.sensitivity)
     stats = a.stats
     if stats is None:
         stats = a.out.with_name(a.out.name + ".stats")
