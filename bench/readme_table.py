@@ -11,12 +11,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ORDER = ["benchmark", "baseline", "lord", "quant", "finetune", "humaneval", "reliability"]
+ORDER = ["baseline", "lord", "quant", "finetune", "humaneval", "reliability", "deployment_check", "quant_interop"]
 # Columns worth a glance per benchmark; anything else stays in the json.
 COLUMNS: dict[str, list[str]] = {
     "baseline": ["model", "params", "non_embedding_params", "ppl", "bits_per_byte", "forward_seconds_per_512_tokens",
                  "load_gguf_seconds", "load_cached_seconds"],
+    "lord": ["model", "method", "plan", "param_reduction", "rank_reduction", "n_groups_factored", "ppl", "ppl_dense",
+             "ppl_increase", "forward_ratio", "decompose_seconds"],
+    "quant": ["model", "base", "variant", "group_size", "ppl", "ppl_increase", "size_mb", "avg_bits_per_weight",
+              "outlier_fraction", "quantize_seconds"],
+    "finetune": ["model", "variant", "params", "peak_rss_mb", "seconds_per_step", "eval_loss_before",
+                 "eval_loss_after", "ppl_before", "ppl_nf4_base", "ppl_after"],
+    "humaneval": ["model", "variant", "n_problems", "pass_at_1", "n_passed", "tokens_per_second_ratio",
+                  "executions_per_second"],
+    "reliability": ["variant", "bad_inputs_tried", "bad_inputs_rejected", "sandbox_attacks_tried",
+                    "sandbox_attacks_contained", "kill_points_tried", "resumes_matched"],
+    "quant_interop": ["case", "loader", "bits", "group_size", "ok", "weight_max_rel_err", "logits_rel_err_vs_ours_bf16"],
 }
+# Records worth a row (the rest stay in the json): reliability's detail rows are many.
+KEEP = {"reliability": lambda r: r.get("variant") == "summary"}
+# Sort so a table reads as a sweep.
+SORT = {"lord": lambda r: (r.get("model", ""), r.get("method", ""), r.get("plan", ""), r.get("param_reduction", 0))}
 SKIP = {"environment", "protocol", "records", "benchmark", "created"}
 
 
@@ -41,10 +56,13 @@ def render() -> str:
     out = []
     for path in files:
         doc = json.loads(path.read_text())
-        recs = doc.get("records", [])
+        name = doc.get("benchmark", path.stem)
+        recs = [r for r in doc.get("records", []) if KEEP.get(name, lambda _: True)(r)]
+        if name in SORT:
+            recs = sorted(recs, key=SORT[name])
         if not recs:
             continue
-        cols = COLUMNS.get(doc.get("benchmark", path.stem))
+        cols = COLUMNS.get(name)
         if cols is None:  # generic: keys in first-seen order, scalar values only, at most 12
             cols = []
             for r in recs:
@@ -54,6 +72,8 @@ def render() -> str:
         out.append(f"**{path.stem}** (`bench/results/{path.name}`, {doc.get('created', '?')}, torch "
                    f"{env.get('torch', '?')}, {env.get('threads', '?')} threads, {env.get('device', '?')})\n")
         out.append(table(recs, cols) + "\n")
+        for png in sorted(RESULTS.glob(f"{path.stem}_*.png")):
+            out.append(f"![{png.stem}](bench/results/{png.name})\n")
     return "\n".join(out)
 
 
