@@ -71,8 +71,12 @@ def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Pat
     with atomic_dir(Path(out_dir)) as tmp:
         save_factored(m, tok, tmp, report.groups, info)
         (tmp / "rank_map.json").write_text(json.dumps(report.groups, indent=2, sort_keys=True))
-        if report.sensitivities is not None:  # per-group loss probes, for flows to log (lord/sensitivity.py)
-            (tmp / "sensitivity.json").write_text(json.dumps(report.sensitivities, indent=2, sort_keys=True))
+        if report.sensitivities is not None:  # per-group weights, for flows to log (lord/sensitivity.py)
+            # timings live in metrics.json: the checkpoint's files must be bit-identical on a recompute, so
+            # content-addressed downstream stages keep their cache keys
+            sens = {**report.sensitivities, "_meta": {k: v for k, v in report.sensitivities["_meta"].items()
+                                                      if k != "seconds"}}
+            (tmp / "sensitivity.json").write_text(json.dumps(sens, indent=2, sort_keys=True))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         (tmp / "lord_artifact.json").write_text(json.dumps(
             {"kind": "lord", "loader": "lord.checkpoint:load_factored", "source": str(model), **info},
