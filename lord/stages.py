@@ -11,7 +11,7 @@ from lord.checkpoint import save_factored
 from lord.config import CalibConfig, DecomposeConfig
 from lord.errors import LordError
 from lord.model_ops import decompose_model
-from lord.stats import collect_stats, load_stats, save_stats
+from lord.stats import collect_stats, load_stats, model_fingerprint, save_stats
 from lord.surgery import find_groups
 
 STATS_FILE = "stats.safetensors"
@@ -34,7 +34,7 @@ def collect_stats_to_file(model: str, out: Path, cfg: CalibConfig) -> dict:
     stats = collect_stats(m, groups, ids, batch_size=cfg.batch_size)
     seconds = time.perf_counter() - t0
     meta = {"model": str(model), "calibration_hash": batches_digest(ids), "corpus_digest": split.digest,
-            "config": cfg.to_dict(), "model_type": m.config.model_type}
+            "config": cfg.to_dict(), "model_type": m.config.model_type, "model_fingerprint": model_fingerprint(m)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_stats(tmp, stats, groups, meta)
@@ -56,9 +56,12 @@ def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Pat
     m, tok = load_model(model)
     groups = find_groups(m, cfg.targets, cfg.ignore)
     group_stats, meta = load_stats(stats, [g.name for g in groups])
-    if meta.get("model") != str(model) and meta.get("model_type") != m.config.model_type:
-        raise LordError(f"statistics in {stats} were collected on {meta.get('model')!r} "
-                        f"({meta.get('model_type')}), not on {model!r}; recollect them for this model")
+    stale = (meta["model_fingerprint"] != model_fingerprint(m) if "model_fingerprint" in meta
+             else meta.get("model") != str(model) and meta.get("model_type") != m.config.model_type)
+    if stale:
+        raise LordError(f"statistics in {stats} are stale: collected on {meta.get('model')!r} "
+                        f"({meta.get('model_type')}), whose weights differ from {model!r}'s (model fingerprint "
+                        f"mismatch); recollect them for this model (lord calibrate --model {model})")
     sens_ids = None
     if cfg.plan == "auto":
         sens_ids = calibration_batches(tok, code_split().calibration, n_seqs=cfg.sensitivity_seqs,

@@ -7,6 +7,7 @@ added to an fp64 running sum, so precision is lost only within one batch of toke
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,3 +115,20 @@ def load_stats(path: Path, names: list[str] | None = None) -> tuple[dict[str, Gr
             for n in wanted
         }
     return out, meta
+
+
+def model_fingerprint(model: torch.nn.Module, n_values: int = 64) -> str:
+    """A cheap identity of a model's weights: its config and every parameter's name, shape and a strided
+    sample of its values.
+
+    Statistics are only valid for the weights they were collected on; this catches stale ones (another
+    checkpoint of the same architecture) without hashing gigabytes.
+    """
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            h.update(f"{name}{tuple(p.shape)}".encode())
+            h.update(flat[:: max(1, flat.numel() // n_values)][:n_values].float().cpu().numpy().tobytes())
+    return h.hexdigest()
