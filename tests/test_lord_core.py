@@ -263,3 +263,20 @@ def test_plans_reach_any_feasible_target_below_parity():
     curves = {"a": torch.tensor([1.0, 0.5, 0.0]), "b": torch.linspace(1, 0, 9)}
     for plan in lord.PLANS:
         assert lord.rank_plan(tiny, 100, plan, 0.2, curves)["a"] is None
+
+
+def test_shared_bottleneck_under_inference_mode_matches_no_grad(tiny_qwen2, calib_ids):
+    """generate() runs under torch.inference_mode, whose tensors have no version counter: the shared-down
+    cache must still work there (q/k/v and gate/up groups factored) and give the same logits."""
+    import lord as _lord
+
+    groups = _lord.find_groups(tiny_qwen2)
+    stats = _lord.collect_stats(tiny_qwen2, groups, calib_ids)
+    cfg = _lord.DecomposeConfig(method="lord", plan="uniform", reduction=0.1)
+    _lord.decompose_model(tiny_qwen2, stats, cfg)
+    assert any(len(g.members) > 1 for g in groups)
+    with torch.no_grad():
+        ref = tiny_qwen2(calib_ids[:2]).logits
+    with torch.inference_mode():
+        got = tiny_qwen2(calib_ids[:2]).logits
+    assert torch.allclose(ref, got, atol=1e-5)

@@ -35,8 +35,14 @@ class _SharedBottleneck:
         self.out = None
         self.remaining = 0
 
+    @staticmethod
+    def _version(x: torch.Tensor) -> int:
+        # inference-mode tensors (generate) carry no version counter; they cannot be changed in place outside
+        # inference mode, and inside it the members read x back to back, so identity alone is safe there
+        return -2 if x.is_inference() else x._version
+
     def get(self, x: torch.Tensor, down: nn.Module) -> torch.Tensor:
-        if self.remaining > 0 and self.x is x and self.version == x._version:
+        if self.remaining > 0 and self.x is x and self.version == self._version(x):
             out = self.out
             self.remaining -= 1
             if self.remaining == 0:
@@ -44,7 +50,7 @@ class _SharedBottleneck:
             return out
         out = down(x)
         if self.n_members > 1:
-            self.x, self.version, self.out, self.remaining = x, x._version, out, self.n_members - 1
+            self.x, self.version, self.out, self.remaining = x, self._version(x), out, self.n_members - 1
         return out
 
 
