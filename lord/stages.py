@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 from artifacts import atomic_dir, write_json_atomic
@@ -62,6 +63,12 @@ def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Pat
         raise LordError(f"statistics in {stats} are stale: collected on {meta.get('model')!r} "
                         f"({meta.get('model_type')}), whose weights differ from {model!r}'s (model fingerprint "
                         f"mismatch); recollect them for this model (lord calibrate --model {model})")
+    thin = sorted(g.name for g in groups if group_stats[g.name].n_tokens < g.n)
+    if thin:
+        # G = X^T X has rank <= n_tokens: directions the calibration never saw look free to cut
+        warnings.warn(f"calibration has {group_stats[thin[0]].n_tokens} tokens but {len(thin)} groups read wider "
+                      f"inputs (e.g. {thin[0]}): their Gram is rank-deficient and their error is underestimated; "
+                      f"calibrate with n_seqs * seq_len >= {max(g.n for g in groups)}", stacklevel=2)
     sens_ids = None
     if cfg.plan == "auto":
         sens_ids = calibration_batches(tok, code_split().calibration, n_seqs=cfg.sensitivity_seqs,
@@ -69,7 +76,7 @@ def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Pat
     report = decompose_model(m, group_stats, cfg, sensitivity_ids=sens_ids)
     info = {"method": cfg.method, "plan": cfg.plan, "config": cfg.to_dict(), "source_model": str(model),
             "stats_model": meta.get("model"), "calibration_hash": meta.get("calibration_hash")}
-    metrics = {**report.metrics, "method": cfg.method, "plan": cfg.plan,
+    metrics = {**report.metrics, "method": cfg.method, "plan": cfg.plan, "rank_deficient_groups": len(thin),
                "calibration_hash": meta.get("calibration_hash")}
     with atomic_dir(Path(out_dir)) as tmp:
         save_factored(m, tok, tmp, report.groups, info)
