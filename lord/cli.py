@@ -12,6 +12,7 @@ from pathlib import Path
 from lord.config import CalibConfig, DecomposeConfig
 from lord.decompose import METHODS
 from lord.ranks import PLANS
+from lord.stats import STATISTICS
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -41,11 +42,13 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--targets", nargs="+", default=["*"], help="group name globs, e.g. '*.mlp.*'")
     p.add_argument("--ignore", nargs="*", default=[])
+    p.add_argument("--statistic", choices=STATISTICS, default="auto",
+                   help="auto: output covariance for narrowing linears (cheaper); input: input Gram everywhere")
 
 
 def _calib_cfg(a: argparse.Namespace) -> CalibConfig:
     return CalibConfig(n_seqs=a.n_seqs, seq_len=a.seq_len, seed=a.seed, targets=tuple(a.targets),
-                       ignore=tuple(a.ignore))
+                       ignore=tuple(a.ignore), statistic=a.statistic)
 
 
 def _calibrate(a: argparse.Namespace) -> dict:

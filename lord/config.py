@@ -8,13 +8,18 @@ from typing import Any
 from lord.decompose import METHODS
 from lord.errors import LordError
 from lord.ranks import PLANS
+from lord.stats import STATISTICS
 
 SENSITIVITIES = ("probe", "fisher")
 
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """Calibration: ``n_seqs`` windows of ``seq_len`` tokens from the corpus's calibration files (seeded)."""
+    """Calibration: ``n_seqs`` windows of ``seq_len`` tokens from the corpus's calibration files (seeded).
+
+    ``statistic``: ``"auto"`` keeps the cheaper second moment per group (output covariance for a single
+    narrowing linear, lord/stats.py), ``"input"`` the input Gram everywhere (e.g. to inspect ``G`` itself).
+    """
 
     n_seqs: int = 64
     seq_len: int = 512
@@ -22,8 +27,11 @@ class CalibConfig:
     batch_size: int = 4
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
+    statistic: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.statistic not in STATISTICS:
+            raise LordError(f"statistic {self.statistic!r} is unknown; expected one of {STATISTICS}")
         if self.n_seqs < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise LordError(f"CalibConfig needs n_seqs >= 1, seq_len >= 2, batch_size >= 1; got "
                             f"{self.n_seqs}, {self.seq_len}, {self.batch_size}")

@@ -60,32 +60,48 @@ class Factorization:
 
 
 def factorize(w: torch.Tensor, gram: torch.Tensor, methods: tuple[str, ...] = ("lord",),
-              damping: float = 0.01) -> dict[str, Factorization]:
-    """Factorizations of ``w`` (m x n) for each of ``methods`` given the input Gram (n x n), sharing work."""
+              damping: float = 0.01, side: str = "input",
+              input_trace: float | None = None) -> dict[str, Factorization]:
+    """Factorizations of ``w`` (m x n) for each of ``methods``, sharing work.
+
+    ``gram`` is the input Gram ``G`` (n x n, ``side="input"``) or, for a narrowing group (m <= n), the output
+    covariance ``C = W G W^T`` itself (m x m, ``side="output"``, lord/stats.py); whitening's damping then
+    needs ``input_trace = tr(G)``.
+    """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise LordError(f"unknown decomposition method(s) {unknown}; expected some of {METHODS}")
+    if damping < 0:
+        raise LordError(f"damping must be >= 0, got {damping}")
     m, n = w.shape
+    w32 = w.detach().float()
+    if side == "output":
+        if gram.shape != (m, m) or m > n:
+            raise LordError(f"output covariance has shape {tuple(gram.shape)} but the group's weight is {m} x {n} "
+                            "(output statistics need m x m and m <= n): statistics were collected on a "
+                            "different model or group")
+        if "whiten" in methods and input_trace is None:
+            raise LordError("whitening from output statistics needs input_trace = tr(X^T X) for its damping")
+        c = gram.detach().to(torch.float64)
+        delta = damping * float(input_trace) / n if "whiten" in methods else 0.0
+        return _wide(w32, 0.5 * (c + c.T), methods, delta)
+    if side != "input":
+        raise LordError(f"statistics side {side!r} is unknown; expected 'input' or 'output'")
     if gram.shape != (n, n):
         raise LordError(f"Gram has shape {tuple(gram.shape)} but the group's weight is {m} x {n}: "
                         "statistics were collected on a different model or group")
-    if damping < 0:
-        raise LordError(f"damping must be >= 0, got {damping}")
-    w32 = w.detach().float()
     g = gram.detach().to(torch.float64)
     g = 0.5 * (g + g.T)
     delta = damping * float(g.diagonal().mean()) if "whiten" in methods else 0.0
     if m <= n:
-        return _wide(w32, g, methods, delta)
+        c = (w32 @ g.float()).double() @ w32.double().T  # the big product in fp32
+        return _wide(w32, 0.5 * (c + c.T), methods, delta)
     return _tall(w32, g, methods, delta)
 
 
-def _wide(w: torch.Tensor, g: torch.Tensor, methods: tuple[str, ...], delta: float) -> dict[str, Factorization]:
-    """m <= n: eigenproblems on m x m matrices; ``C = (W G) W^T`` with the big product in fp32."""
-    wg = (w @ g.float()).double()
+def _wide(w: torch.Tensor, c: torch.Tensor, methods: tuple[str, ...], delta: float) -> dict[str, Factorization]:
+    """m <= n: eigenproblems on m x m matrices, given the output covariance ``C`` (float64, symmetric)."""
     w64 = w.double()
-    c = wg @ w64.T
-    c = 0.5 * (c + c.T)
     total = float(c.trace())
     out = {}
     for method in methods:

@@ -44,7 +44,8 @@ def factorize_groups(model: nn.Module, groups: list[Group], stats: Mapping[str, 
         if g.name not in stats:
             raise LordError(f"no statistics for group {g.name}; collect them with the same targets")
         w, _ = stacked_weight(model, g)
-        for method, f in factorize(w, stats[g.name].gram, methods, damping).items():
+        s = stats[g.name]
+        for method, f in factorize(w, s.gram, methods, damping, s.side, s.input_trace).items():
             out[method][g.name] = f
     return out
 

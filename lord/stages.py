@@ -32,7 +32,7 @@ def collect_stats_to_file(model: str, out: Path, cfg: CalibConfig) -> dict:
     ids = calibration_batches(tok, split.calibration, n_seqs=cfg.n_seqs, seq_len=cfg.seq_len, seed=cfg.seed)
     groups = find_groups(m, cfg.targets, cfg.ignore)
     t0 = time.perf_counter()
-    stats = collect_stats(m, groups, ids, batch_size=cfg.batch_size)
+    stats = collect_stats(m, groups, ids, batch_size=cfg.batch_size, statistic=cfg.statistic)
     seconds = time.perf_counter() - t0
     meta = {"model": str(model), "calibration_hash": batches_digest(ids), "corpus_digest": split.digest,
             "config": cfg.to_dict(), "model_type": m.config.model_type, "model_fingerprint": model_fingerprint(m)}

@@ -1,7 +1,13 @@
-"""Calibration statistics: per group, the input Gram ``G = X^T X``, the input mean and the token count.
+"""Calibration statistics per group: a second-moment matrix, the input mean, the token count and ``tr(X^T X)``.
 
-One statistic serves LoRD (output covariance ``W G W^T``), the whitening baseline and GPTQ (``H = 2G/n``).
-Speed (shared/DESIGN.md: fp64 GEMMs in hooks were ~5x a forward): each batch's Gram is one fp32 GEMM,
+Which second moment (``side``): the input Gram ``G = X^T X`` (n x n) serves every method; LoRD itself only
+needs the output covariance ``C = W G W^T = Y^T Y`` with ``Y = X W^T`` (Kaushal et al. 2023 take the PCA of
+the outputs). For a single linear that narrows (m < n, e.g. ``down_proj`` 4864 -> 896) ``Y^T Y`` is far cheaper
+(m^2 instead of n^2 per token: on Qwen2.5-Coder-0.5B the down_proj Grams cost more than the whole forward) and
+its output is computed by the forward anyway. ``statistic="auto"`` takes the smaller side for such groups;
+``"input"`` keeps ``G`` everywhere. Both sides give the same LoRD, SVD and whitening factors for those groups
+(whitening's damping needs only ``tr(G)``, kept for every group).
+Speed (shared/DESIGN.md: fp64 GEMMs in hooks were ~5x a forward): each batch's product is one fp32 GEMM,
 added to an fp64 running sum, so precision is lost only within one batch of tokens.
 """
 
@@ -21,32 +27,73 @@ from tqdm.auto import tqdm
 from lord.errors import LordError
 from lord.surgery import Group
 
+STATISTICS = ("auto", "input")
+
 
 @dataclass
 class GroupStats:
-    gram: torch.Tensor  # n x n, X^T X summed over tokens
-    mean: torch.Tensor  # n
+    gram: torch.Tensor  # side "input": n x n, X^T X; side "output": m x m, (X W^T)^T (X W^T), bias excluded
+    mean: torch.Tensor  # n, input mean
     n_tokens: int
+    side: str = "input"
+    input_trace: float | None = None  # tr(X^T X); None = read it off an input Gram
+
+    def __post_init__(self) -> None:
+        if self.input_trace is None:
+            if self.side != "input":
+                raise LordError("output-side statistics need input_trace (tr X^T X) for whitening's damping")
+            self.input_trace = float(self.gram.double().diagonal().sum())
+
+
+def stat_side(group: Group, statistic: str = "auto") -> str:
+    """``"output"`` for a single narrowing linear under ``statistic="auto"``, else ``"input"``."""
+    if statistic not in STATISTICS:
+        raise LordError(f"statistic {statistic!r} is unknown; expected one of {STATISTICS}")
+    narrow = len(group.members) == 1 and group.m < group.n
+    return "output" if statistic == "auto" and narrow else "input"
 
 
 class GramCollector:
-    """Forward pre-hooks on each group's first member; ``add`` accumulates, ``result`` finalises (fp32)."""
+    """Hooks on each group's first member; ``result`` finalises the running sums (fp32)."""
 
-    def __init__(self, model: nn.Module, groups: list[Group], accumulate_dtype: torch.dtype = torch.float64):
+    def __init__(self, model: nn.Module, groups: list[Group], accumulate_dtype: torch.dtype = torch.float64,
+                 statistic: str = "auto"):
         self.groups = groups
-        self._sum = {g.name: torch.zeros(g.n, g.n, dtype=accumulate_dtype) for g in groups}
+        self.sides = {g.name: stat_side(g, statistic) for g in groups}
+        self._sum = {g.name: torch.zeros(*(2 * (g.n if self.sides[g.name] == "input" else g.m,)),
+                                         dtype=accumulate_dtype) for g in groups}
         self._xsum = {g.name: torch.zeros(g.n, dtype=torch.float64) for g in groups}
+        self._trace = {g.name: 0.0 for g in groups}
         self._count = {g.name: 0 for g in groups}
-        self._handles = [
-            model.get_submodule(g.members[0]).register_forward_pre_hook(self._hook(g.name)) for g in groups
-        ]
+        self._handles = []
+        for g in groups:
+            mod = model.get_submodule(g.members[0])
+            if self.sides[g.name] == "input":
+                self._handles.append(mod.register_forward_pre_hook(self._input_hook(g.name)))
+            else:
+                self._handles.append(mod.register_forward_hook(self._output_hook(g.name, mod)))
 
-    def _hook(self, name: str):
+    def _count_input(self, name: str, x: torch.Tensor) -> None:
+        self._xsum[name] += x.sum(0, dtype=torch.float64)
+        self._count[name] += x.shape[0]
+
+    def _input_hook(self, name: str):
         def hook(_module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             self._sum[name] += (x.T @ x).to(self._sum[name].dtype)
-            self._xsum[name] += x.sum(0, dtype=torch.float64)
-            self._count[name] += x.shape[0]
+            self._count_input(name, x)
+
+        return hook
+
+    def _output_hook(self, name: str, mod: nn.Module):
+        def hook(_module, args, output):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            y = output.detach().reshape(-1, output.shape[-1]).float()
+            if getattr(mod, "bias", None) is not None:
+                y = y - mod.bias.detach().float()
+            self._sum[name] += (y.T @ y).to(self._sum[name].dtype)
+            self._trace[name] += float(torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)
+            self._count_input(name, x)
 
         return hook
 
@@ -61,18 +108,21 @@ class GramCollector:
             n = self._count[g.name]
             if n == 0:
                 raise LordError(f"group {g.name} saw no tokens: its hook never fired (is it on the forward path?)")
-            # pop as we go: the fp64 sums of a 0.5B model are ~5 GB, never hold them twice
-            out[g.name] = GroupStats(self._sum.pop(g.name).float(), (self._xsum[g.name] / n).float(), n)
+            side = self.sides[g.name]
+            # pop as we go: fp64 sums can be GBs, never hold them twice
+            out[g.name] = GroupStats(self._sum.pop(g.name).float(), (self._xsum[g.name] / n).float(), n, side,
+                                     self._trace[g.name] if side == "output" else None)
         return out
 
 
 @torch.no_grad()
 def collect_stats(model: nn.Module, groups: list[Group], ids: torch.Tensor, batch_size: int = 4,
-                  accumulate_dtype: torch.dtype = torch.float64, progress: bool = True) -> dict[str, GroupStats]:
+                  accumulate_dtype: torch.dtype = torch.float64, progress: bool = True,
+                  statistic: str = "auto") -> dict[str, GroupStats]:
     """Run ``ids`` ([n_seqs, seq_len]) through ``model`` in batches and return each group's statistics."""
     if ids.ndim != 2:
         raise LordError(f"calibration ids have shape {tuple(ids.shape)}; expected [n_seqs, seq_len]")
-    collector = GramCollector(model, groups, accumulate_dtype)
+    collector = GramCollector(model, groups, accumulate_dtype, statistic)
     device = next(model.parameters()).device
     try:
         for i in tqdm(range(0, ids.shape[0], batch_size), desc="calibration", disable=not progress):
@@ -82,16 +132,17 @@ def collect_stats(model: nn.Module, groups: list[Group], ids: torch.Tensor, batc
     return collector.result()
 
 
-
 def save_stats(path: Path, stats: dict[str, GroupStats], groups: list[Group], meta: dict) -> None:
-    """Safetensors: ``<group>.gram``, ``<group>.mean``, ``<group>.n_tokens``; metadata holds ``meta`` + groups."""
+    """Safetensors: ``<group>.{gram,mean,n_tokens,input_trace}``; metadata holds ``meta``, groups and sides."""
     tensors = {}
     for name, s in stats.items():
         tensors[f"{name}.gram"] = s.gram.contiguous()
         tensors[f"{name}.mean"] = s.mean.contiguous()
         tensors[f"{name}.n_tokens"] = torch.tensor([s.n_tokens], dtype=torch.int64)
+        tensors[f"{name}.input_trace"] = torch.tensor([s.input_trace], dtype=torch.float64)
     metadata = {k: json.dumps(v) for k, v in meta.items()}
     metadata["groups"] = json.dumps([[g.name, list(g.members)] for g in groups])
+    metadata["sides"] = json.dumps({name: s.side for name, s in stats.items()})
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -104,6 +155,8 @@ def load_stats(path: Path, names: list[str] | None = None) -> tuple[dict[str, Gr
         raw = f.metadata() or {}
         meta = {k: json.loads(v) for k, v in raw.items()}
         available = [g[0] for g in meta.get("groups", [])]
+        sides = meta.get("sides", {})
+        keys = set(f.keys())
         wanted = available if names is None else names
         missing = [n for n in wanted if n not in available]
         if missing:
@@ -111,7 +164,8 @@ def load_stats(path: Path, names: list[str] | None = None) -> tuple[dict[str, Gr
                             "recollect statistics with the same targets as the decomposition")
         out = {
             n: GroupStats(f.get_tensor(f"{n}.gram"), f.get_tensor(f"{n}.mean"),
-                          int(f.get_tensor(f"{n}.n_tokens")[0]))
+                          int(f.get_tensor(f"{n}.n_tokens")[0]), sides.get(n, "input"),
+                          float(f.get_tensor(f"{n}.input_trace")[0]) if f"{n}.input_trace" in keys else None)
             for n in wanted
         }
     return out, meta

@@ -15,6 +15,7 @@ from lord import LordError, LowRankLinear
 from lord.decompose import factorize, output_error
 from lord.model_ops import apply_ranks
 from lord.ranks import max_factored_rank, params_removed, parity_rank
+from lord.surgery import stacked_weight
 
 torch.manual_seed(0)
 METHODS = ("lord", "svd", "whiten")
@@ -107,7 +108,7 @@ def test_gram_mean_count_match_captured_inputs(tiny_llama, calib_ids, tmp_path):
     seen = []
     h = tiny_llama.get_submodule(groups[0].members[0]).register_forward_pre_hook(
         lambda _m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1]).double()))
-    stats = lord.collect_stats(tiny_llama, groups, calib_ids, batch_size=3, progress=False)
+    stats = lord.collect_stats(tiny_llama, groups, calib_ids, batch_size=3, progress=False, statistic="input")
     h.remove()
     x = torch.cat(seen)
     s = stats[groups[0].name]
@@ -119,6 +120,35 @@ def test_gram_mean_count_match_captured_inputs(tiny_llama, calib_ids, tmp_path):
     assert meta["model"] == "tiny" and torch.equal(back[groups[0].name].gram, s.gram)
     with pytest.raises(LordError, match="no statistics"):
         lord.load_stats(tmp_path / "s.safetensors", ["model.layers.1.mlp.down_proj"])
+
+
+def test_output_side_statistics_give_the_input_side_factors(tiny_any, calib_ids, tmp_path):
+    # "auto" keeps Y^T Y (m x m) for a single narrowing linear instead of X^T X (n x n): same C = W G W^T,
+    # so every method's error curve and factors must agree with the input-side ones
+    groups = lord.find_groups(tiny_any)
+    auto = lord.collect_stats(tiny_any, groups, calib_ids, progress=False)
+    full = lord.collect_stats(tiny_any, groups, calib_ids, progress=False, statistic="input")
+    narrowing = [g for g in groups if len(g.members) == 1 and g.m < g.n]
+    assert narrowing and all(auto[g.name].side == "output" and auto[g.name].gram.shape == (g.m, g.m)
+                             for g in narrowing)
+    assert all(auto[g.name].side == "input" for g in groups if g not in narrowing)
+    lord.save_stats(tmp_path / "s.safetensors", auto, groups, {"model": "tiny"})
+    back, _ = lord.load_stats(tmp_path / "s.safetensors")
+    for g in narrowing:
+        a, f = back[g.name], full[g.name]
+        assert a.side == "output" and a.n_tokens == f.n_tokens
+        assert a.input_trace == pytest.approx(f.input_trace, rel=1e-5)
+        w, _ = stacked_weight(tiny_any, g)
+        fa = factorize(w, a.gram, METHODS, side=a.side, input_trace=a.input_trace)
+        ff = factorize(w, f.gram, METHODS)
+        for method in METHODS:
+            assert torch.allclose(fa[method].error_curve(), ff[method].error_curve(), atol=1e-4), method
+            r = max(1, g.m // 3)
+            ua, _ = fa[method].factors(w, r)
+            uf, _ = ff[method].factors(w, r)
+            assert torch.allclose(ua @ ua.T, uf @ uf.T, atol=1e-3), method  # same subspace
+    with pytest.raises(LordError, match="output covariance has shape"):
+        factorize(torch.randn(8, 4), torch.eye(8), side="output", input_trace=1.0)
 
 
 # ---- surgery and modules ----------------------------------------------------------------------------------
