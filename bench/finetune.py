@@ -72,11 +72,15 @@ def main() -> None:
     ap.add_argument("--reduction", type=float, default=0.2, help="LoRD whole-model parameter reduction")
     ap.add_argument("--plan", default="auto")
     ap.add_argument("--repeats", type=int, default=1, help="alternate dense/LoRD runs this many times")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute activations in backward, so weights are a larger share of peak memory")
+    ap.add_argument("--seq-len", type=int, default=256, help="max tokens per training example")
     args = ap.parse_args()
     threads = torch.get_num_threads()
-    cfg = FinetuneConfig(steps=args.steps, n_examples=2000, n_eval=32, max_seq_len=256, micro_batch_size=2,
+    cfg = FinetuneConfig(steps=args.steps, n_examples=2000, n_eval=32, max_seq_len=args.seq_len, micro_batch_size=2,
                          grad_accum_steps=2, lr=2e-4, warmup_steps=max(1, args.steps // 10),
-                         eval_every=max(1, args.steps // 3), lora_r=16, lora_alpha=32, seed=0)
+                         eval_every=max(1, args.steps // 3), lora_r=16, lora_alpha=32, seed=0,
+                         gradient_checkpointing=args.gradient_checkpointing)
     t0 = time.perf_counter()
     bases = {"dense": args.model, "lord": str(lord_base(args.model, args.reduction, args.plan))}
     lord_seconds = time.perf_counter() - t0
@@ -97,7 +101,8 @@ def main() -> None:
             "peak_rss_mb": round(_median([x["peak_rss_mb"] for x in ms]), 1),
             "train_peak_rss_mb": round(_median([x["train_peak_rss_mb"] for x in ms]), 1),
             "train_peak_above_start_mb": round(_median([x["train_peak_rss_mb"] - x["rss_start_mb"] for x in ms]), 1),
-            "weight_mb": round(m["weight_mb"], 2), "trainable_params": m["trainable_params"],
+            "weight_mb": round(m["weight_mb"], 2), "quantized_weight_mb": round(m["quantized_weight_mb"], 2),
+            "trainable_params": m["trainable_params"],
             "seconds_per_step": round(_median([x["seconds_per_step"] for x in ms]), 3),
             "steps": m["steps_done"], "examples_per_step": cfg.examples_per_step,
             "train_loss_first": round(m["train_loss_first"], 4), "train_loss_last": round(m["train_loss_last"], 4),
@@ -115,6 +120,7 @@ def main() -> None:
               "train_peak_above_start_ratio": round(lord["train_peak_above_start_mb"]
                                                     / dense["train_peak_above_start_mb"], 4),
               "weight_mb_ratio": round(lord["weight_mb"] / dense["weight_mb"], 4),
+              "quantized_weight_mb_ratio": round(lord["quantized_weight_mb"] / dense["quantized_weight_mb"], 4),
               "seconds_per_step_ratio": round(lord["seconds_per_step"] / dense["seconds_per_step"], 4),
               "params_ratio": round(lord["params"] / dense["params"], 4)}
     print(json.dumps(ratios, indent=2))

@@ -119,6 +119,12 @@ def attach_lora(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     for p in model.parameters():
         p.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise FinetuneError(f"{type(model).__name__} does not support gradient checkpointing; "
+                                "set gradient_checkpointing=False.")
+        # non-reentrant: the frozen base's inputs need no requires_grad hack and LoRA grads flow through
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=names, bias="none", task_type="CAUSAL_LM")
     if gptq_lora.prepare_quant_linears(model):
@@ -144,6 +150,21 @@ def weight_bytes(model: nn.Module) -> int:
         state = getattr(t, "quant_state", None)
         if state is not None:
             total += sum(x.numel() * x.element_size() for x in _state_tensors(state))
+    return total
+
+
+def quantized_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the 4-bit linear weights alone (packed + quant state): the part a LoRD base shrinks."""
+    import bitsandbytes as bnb
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            w = module.weight
+            total += w.numel() * w.element_size()
+            state = getattr(w, "quant_state", None)
+            if state is not None:
+                total += sum(x.numel() * x.element_size() for x in _state_tensors(state))
     return total
 
 

@@ -21,7 +21,14 @@ from .checkpoint import ARTIFACT_FILE, LOADER
 from .config import FinetuneConfig
 from .data import load_instructions, tokenize_split, validate_jsonl
 from .merge import merge_to_float
-from .qlora import artifact_kind, attach_lora, load_base, trainable_parameters, weight_bytes
+from .qlora import (
+    artifact_kind,
+    attach_lora,
+    load_base,
+    quantized_weight_bytes,
+    trainable_parameters,
+    weight_bytes,
+)
 from .train import describe, train
 
 # files save_pretrained does not write but a base artifact may need (LoRD rank maps, modeling code)
@@ -68,6 +75,7 @@ def finetune_to_dir(model: str, cfg: FinetuneConfig, out_dir: Path, progress: bo
         "n_train_examples": len(split.train), "n_eval_examples": len(split.eval),
         "n_truncated": split.n_truncated, "n_dropped": split.n_dropped,
         "trainable_params": n_trainable, "total_params": n_total, "weight_mb": weight_bytes(peft_model) / 2**20,
+        "quantized_weight_mb": quantized_weight_bytes(peft_model) / 2**20,
         "rss_start_mb": rss_start, "load_peak_rss_mb": load_peak,
         "train_peak_rss_mb": train_peak if peak_reset else None,
         "peak_rss_mb": max(x for x in (load_peak, train_peak) if x is not None) if load_peak else None,

@@ -264,3 +264,19 @@ def test_early_stop_keeps_best_adapter(tiny_dir, data_file):
 
     assert eval_loss(model, split.eval, tok.pad_token_id, 2) == pytest.approx(res.eval_loss_after, rel=1e-5)
     assert res.eval_loss_after == min(loss for _, loss in res.eval_history)
+
+
+def test_gradient_checkpointing_same_gradients_on_lord_base(tiny_lord_dir, data_file):
+    """Recomputing activations in backward (shared LoRD bottlenecks included) must not change the LoRA grads."""
+    ids = char_tokenizer()(["def f():\n    return 3 + 1\n"] * 2, return_tensors="pt")["input_ids"]
+    grads = []
+    for ckpt in (False, True):
+        model = attach_lora(load_base(tiny_lord_dir, small_cfg(data_file))[0],
+                            small_cfg(data_file, gradient_checkpointing=ckpt))
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        assert model.base_model.model.is_gradient_checkpointing == ckpt
+    assert grads[0].keys() == grads[1].keys() and any(g.abs().sum() > 0 for g in grads[0].values())
+    for n, g in grads[0].items():
+        assert torch.allclose(g, grads[1][n], atol=1e-5, rtol=1e-4), n
