@@ -50,7 +50,7 @@ def run_base(name: str, base: str | Path, base_label: str, args, split, ppl_dens
     """The float base and every chosen quantized variant of it, as records (``save`` after each one, so a
     run cut short on the shared CPU still leaves its finished points)."""
     group_size = args.group_size or auto_group_size(name)
-    ppl_base, _ = ppl_of(base, split)
+    ppl_base = ppl_dense if base == name else ppl_of(base, split)[0]  # the dense ppl is measured once
     size_base = dir_mb(resolve_model_dir(base) if isinstance(base, str) else base)
     records = [{"model": name, "base": base_label, "variant": "fp32", "method": "none", "bits": 32,
                 "ppl": round(ppl_base, 4), "ppl_dense": round(ppl_dense, 4),
