@@ -89,6 +89,22 @@ def token_stream(tokenizer: Any, files: list[Path], max_tokens: int | None = Non
     return stream[:max_tokens] if max_tokens is not None else stream
 
 
+_STREAMS: dict[tuple, torch.Tensor] = {}
+
+
+def _cached_stream(tokenizer: Any, files: list[Path]) -> torch.Tensor:
+    """``token_stream`` memoised per process: calibration, the sensitivity pass and GPTQ each draw windows from
+    the same split, and tokenizing it is seconds each time. Keyed on the tokenizer's identity and each file's
+    path, size and mtime, so an edited file or another tokenizer misses."""
+    key = (type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), len(tokenizer),
+           tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if key not in _STREAMS:
+        if len(_STREAMS) >= 4:
+            _STREAMS.pop(next(iter(_STREAMS)))
+        _STREAMS[key] = token_stream(tokenizer, files)
+    return _STREAMS[key]
+
+
 def calibration_batches(tokenizer: Any, files: list[Path], n_seqs: int = 32, seq_len: int = 256,
                         seed: int = 0) -> torch.Tensor:
     """``n_seqs`` windows of ``seq_len`` tokens at seeded random offsets of the calibration stream.
@@ -97,7 +113,7 @@ def calibration_batches(tokenizer: Any, files: list[Path], n_seqs: int = 32, seq
     """
     if n_seqs < 1 or seq_len < 2:
         raise SourceError(f"calibration needs n_seqs >= 1 and seq_len >= 2 (got {n_seqs}, {seq_len})")
-    stream = token_stream(tokenizer, files)
+    stream = _cached_stream(tokenizer, files)
     n_slots = stream.numel() // seq_len
     if n_slots < n_seqs:
         raise SourceError(f"calibration corpus has {stream.numel()} tokens: only {n_slots} windows of {seq_len}, "

@@ -134,6 +134,28 @@ def test_calibration_batches_are_seeded_and_disjoint():
         calibration_batches(tok, files[:1], n_seqs=10_000, seq_len=512)
 
 
+def test_calibration_token_stream_is_memoised_but_sees_edits(tmp_path):
+    import os
+
+    from transformers import AutoTokenizer
+
+    from sources.corpus import token_stream
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir("tinycoder-random"))
+    files = [tmp_path / f"m{i}.py" for i in range(3)]
+    for i, f in enumerate(files):
+        f.write_text(f"def f{i}(x):\n    return x * {i}\n" * 40)
+    a = calibration_batches(tok, files, n_seqs=4, seq_len=16, seed=0)
+    stream = token_stream(tok, files)
+    assert torch.equal(a, calibration_batches(tok, files, n_seqs=4, seq_len=16, seed=0))
+    assert any(torch.equal(a[0], stream[s:s + 16]) for s in range(0, stream.numel() - 15, 16))
+    files[0].write_text("def g(y):\n    return y - 1\n" * 60)  # same file, new content: must not hit
+    os.utime(files[0], ns=(files[0].stat().st_atime_ns, files[0].stat().st_mtime_ns + 10**9))
+    stream2 = token_stream(tok, files)
+    b = calibration_batches(tok, files, n_seqs=4, seq_len=16, seed=0)
+    assert all(any(torch.equal(row, stream2[s:s + 16]) for s in range(0, stream2.numel() - 15, 16)) for row in b)
+
+
 def test_embedded_registry_has_the_default_and_fast_models():
     assert {"qwen2.5-coder-0.5b", "smollm2-135m"} <= set(EMBEDDED)
     assert len(EMBEDDED["qwen2.5-coder-0.5b"].parts) == 6
