@@ -71,8 +71,6 @@ def evaluate_to_dir(model: str, cfg: EvalConfig, out_dir: Path) -> dict[str, Any
         "ppl_seconds": res.seconds, "params": sum(p.numel() for p in net.parameters()),
         "size_mb": model_size_mb(model), "heldout_digest": split.digest,
     }
-    del net
-    gc.collect()
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         if cfg.humaneval_problems:
@@ -88,9 +86,11 @@ def evaluate_to_dir(model: str, cfg: EvalConfig, out_dir: Path) -> dict[str, Any
                                      allow_execution=cfg.allow_execution)
             # beside out_dir, not inside the temp dir: its partial completions survive a crash and resume
             he_dir = out_dir.with_name(f"{out_dir.name}.humaneval")
-            metrics.update(humaneval_to_dir(model, he_cfg, he_dir))
+            metrics.update(humaneval_to_dir(model, he_cfg, he_dir, loaded=(net, tok)))
             shutil.copytree(he_dir, tmp / "humaneval")
             shutil.rmtree(he_dir, ignore_errors=True)
+        del net
+        gc.collect()
         metrics["seconds"] = time.perf_counter() - t0
         write_json_atomic(tmp / "metrics.json", metrics)
         write_json_atomic(tmp / "config.json", cfg.to_dict())

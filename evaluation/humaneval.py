@@ -123,8 +123,13 @@ def run_humaneval(model: torch.nn.Module, tokenizer: Any, cfg: HumanEvalConfig, 
     return metrics, tables
 
 
-def humaneval_to_dir(model: str, cfg: HumanEvalConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Stage entry point: ``model`` is anything ``sources.load_model`` accepts; returns the metrics dict."""
+def humaneval_to_dir(model: str, cfg: HumanEvalConfig, out_dir: Path, progress: bool = True,
+                     loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Stage entry point: ``model`` is anything ``sources.load_model`` accepts; returns the metrics dict.
+
+    ``loaded``: ``(model, tokenizer)`` already loaded from ``model`` by the caller (the evaluation stage
+    measures perplexity first), so the weights are not loaded twice.
+    """
     from sources import load_model
 
     Sandbox(cfg.sandbox, allow_execution=cfg.allow_execution)  # fail fast: before loading or writing anything
@@ -135,7 +140,7 @@ def humaneval_to_dir(model: str, cfg: HumanEvalConfig, out_dir: Path, progress: 
         shutil.rmtree(work)  # a different model or config: its partial completions are not ours to resume
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(work / "key.json", key)
-    net, tok = load_model(model)
+    net, tok = loaded if loaded is not None else load_model(model)
     metrics, tables = run_humaneval(net, tok, cfg, work, progress=progress)
     metrics["model"] = str(model)
     with atomic_dir(out_dir) as tmp:
