@@ -54,7 +54,7 @@ def load_finetuned(directory: str | Path, device: str = "cpu", dtype: torch.dtyp
         from . import gptq_lora
 
         base, _ = load_model(meta["base_dir"], device=device, dtype=dtype)
-        gptq_lora.prepare_quant_linears(base)
+        gptq_lora.prepare_quant_linears(base, cache=True)  # inference: dequantize each layer once
         config = LoraConfig.from_pretrained(str(directory / "adapter"))
         gptq_lora.register(config)
         model = PeftModel.from_pretrained(base, str(directory / "adapter"), config=config)

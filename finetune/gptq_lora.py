@@ -39,9 +39,10 @@ def quant_linear_type() -> type[nn.Module] | None:
     return QuantLinear
 
 
-def prepare_quant_linears(model: nn.Module) -> int:
-    """Make our QuantLinears peft-readable (auto-gptq's ``infeatures``/``outfeatures``) and stop their float
-    weight cache (it would keep a float copy of every layer). Returns how many were found."""
+def prepare_quant_linears(model: nn.Module, cache: bool = False) -> int:
+    """Make our QuantLinears peft-readable (auto-gptq's ``infeatures``/``outfeatures``). For training
+    (``cache=False``) also stop their float weight cache (it would keep a float copy of every layer); for
+    inference keep it, or generation dequantizes every weight at every token. Returns how many were found."""
     cls = quant_linear_type()
     if cls is None:
         return 0
@@ -49,8 +50,9 @@ def prepare_quant_linears(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, cls):
             module.infeatures, module.outfeatures = module.in_features, module.out_features
-            module.cache = False
-            module._weight = None
+            module.cache = cache
+            if not cache:
+                module._weight = None
             n += 1
     return n
 
