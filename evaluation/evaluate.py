@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from artifacts import atomic_dir, write_json_atomic
 from sources import code_split, load_model, resolve_model_dir
 from sources.models import weights_bytes
@@ -68,7 +70,7 @@ def evaluate_to_dir(model: str, cfg: EvalConfig, out_dir: Path) -> dict[str, Any
     res = perplexity(net, tok, split.heldout, cfg.ppl_config())
     metrics: dict[str, Any] = {
         "ppl": res.ppl, "bits_per_byte": res.bits_per_byte, "ppl_n_tokens": res.n_tokens,
-        "ppl_seconds": res.seconds, "params": sum(p.numel() for p in net.parameters()),
+        "ppl_seconds": res.seconds, "params": logical_params(net),
         "size_mb": model_size_mb(model), "heldout_digest": split.digest,
     }
     out_dir = Path(out_dir)
@@ -95,6 +97,19 @@ def evaluate_to_dir(model: str, cfg: EvalConfig, out_dir: Path) -> dict[str, Any
         write_json_atomic(tmp / "metrics.json", metrics)
         write_json_atomic(tmp / "config.json", cfg.to_dict())
     return metrics
+
+
+def logical_params(net: Any) -> int:
+    """Weights the model computes with: its parameters, plus ``out x in`` (+ bias) for every layer that
+    stores its weight packed in buffers (GPTQ ``qweight``): quantization shrinks bytes, not parameters, so a
+    quantized model's parameter reduction stays its decomposition's."""
+    n = sum(p.numel() for p in net.parameters())
+    for module in net.modules():
+        if "qweight" in getattr(module, "_buffers", {}) and not isinstance(getattr(module, "weight", None),
+                                                                          torch.nn.Parameter):
+            bias = module._buffers.get("bias")
+            n += module.in_features * module.out_features + (bias.numel() if bias is not None else 0)
+    return n
 
 
 def model_size_mb(model: str) -> float | None:

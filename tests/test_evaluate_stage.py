@@ -37,3 +37,15 @@ def test_humaneval_requires_opt_in():
         EvalConfig(humaneval_problems=500, allow_execution=True)
     with pytest.raises(EvalError, match="seq_len"):
         EvalConfig(seq_len=1)
+
+
+def test_quantized_model_keeps_its_parameter_count(tmp_path, tiny_qwen2):
+    """Packed GPTQ weights are buffers: the parameter count (and so param_reduction) must not drop with bits."""
+    from evaluation.evaluate import logical_params
+    from quant import QuantConfig, quantize_to_dir
+
+    d = _save_tiny(tmp_path, tiny_qwen2)
+    dense = sum(p.numel() for p in tiny_qwen2.parameters())
+    quantize_to_dir(str(d), QuantConfig(bits=4, group_size=32, n_seqs=4, seq_len=32), tmp_path / "q")
+    m = evaluate_to_dir(str(tmp_path / "q"), EvalConfig(seq_len=32, n_windows=2, batch_size=2), tmp_path / "eval")
+    assert m["params"] == dense == logical_params(tiny_qwen2)
