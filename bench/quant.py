@@ -106,11 +106,11 @@ def lord_dir(name: str, reduction: float, args, work: Path) -> Path:
     from lord.config import CalibConfig, DecomposeConfig
     from lord.stages import collect_stats_to_file, decompose_to_dir
 
-    out = work / f"{name}-lord{int(reduction * 100)}"
+    out = work / f"{name}-lord{int(reduction * 100)}-{args.lord_plan}"
     if not (out / "MANIFEST.json").is_file():
         stats = work / f"{name}-stats"
         collect_stats_to_file(name, stats, CalibConfig(n_seqs=args.calib_seqs, seq_len=args.calib_len))
-        decompose_to_dir(name, stats, DecomposeConfig(reduction=reduction), out)
+        decompose_to_dir(name, stats, DecomposeConfig(reduction=reduction, plan=args.lord_plan), out)
     return out
 
 
@@ -133,6 +133,8 @@ def main() -> None:
     ap.add_argument("--calib-seqs", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--lord-reduction", type=float, default=None)
+    ap.add_argument("--lord-plan", default="uniform",
+                    help="rank plan of the LoRD base (uniform: best measured on qwen, bench/results/lord.json)")
     ap.add_argument("--lord-models", nargs="*", default=None, help="models to factor (default: all --models)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lord-bench-quant"))
     ap.add_argument("--name", default="quant", help="results file name (smoke runs: something else)")
@@ -163,7 +165,7 @@ def write(args, split, records: list[dict]) -> None:
         "act_order": args.act_order, "sym": True, "damp_percent": 0.01,
         "quantized": "every nn.Linear inside the decoder layers (LoRD: both factors); embeddings and head "
                      "stay float16 in the checkpoint",
-        "lord_reduction": args.lord_reduction,
+        "lord_reduction": args.lord_reduction, "lord_plan": args.lord_plan,
         "size_mb": "bytes of *.safetensors in the checkpoint dir (fp32 base: its float32 safetensors)",
         "note": "embedded weights were Q4-Q8 GGUF (the 0.5B from an int4 AWQ release) before we got them; "
                 "dense = dequantized float32, so 4-bit grids look unusually harmless on the 0.5B",

@@ -18,6 +18,7 @@ from lord.config import DecomposeConfig
 from lord.decompose import Factorization, factorize
 from lord.errors import LordError
 from lord.ranks import plan_summary, rank_plan
+from lord.search import search_plan
 from lord.sensitivity import fisher_sensitivities, probe_sensitivities, weights_of
 from lord.stats import GroupStats
 from lord.surgery import Group, factor_group, find_groups, stacked_weight
@@ -87,20 +88,30 @@ def decompose_model(model: nn.Module, stats: Mapping[str, GroupStats], cfg: Deco
     facts = factorize_groups(model, groups, stats, (cfg.method,), cfg.damping, progress)[cfg.method]
     curves = {name: f.error_curve() for name, f in facts.items()}
     sens = None
-    if cfg.plan == "auto":
+    if cfg.plan in ("auto", "search"):
         if sensitivity_ids is None:
-            raise LordError("plan 'auto' weights each group by a measured loss probe and needs "
+            raise LordError(f"plan {cfg.plan!r} measures the model on calibration tokens and needs "
                             "sensitivity_ids (calibration token ids [n_seqs, seq_len]); pass them, or use plan "
                             "'spectrum' (unweighted) or 'uniform'")
         if cfg.sensitivity == "fisher":
             sens = fisher_sensitivities(model, groups, facts, sensitivity_ids, progress=progress)
         else:
             sens = probe_sensitivities(model, groups, facts, sensitivity_ids, cfg.probe_fraction, progress)
-    ranks = rank_plan(groups, total, cfg.plan, cfg.reduction, curves, cfg.rank_reduction,
+    plan = "auto" if cfg.plan == "search" else cfg.plan
+    ranks = rank_plan(groups, total, plan, cfg.reduction, curves, cfg.rank_reduction,
                       weights_of(sens) if sens is not None else None)
+    if cfg.plan == "search":
+        ranks, found = search_plan(model, groups, facts, sensitivity_ids, cfg.reduction * total,
+                                   candidates={"auto": ranks}, progress=progress)
+        sens = {**sens, "_search": found}
     report = apply_ranks(model, groups, facts, ranks, total)
     report.sensitivities = sens
     report.metrics["decompose_seconds"] = time.perf_counter() - t0
     if sens is not None:
         report.metrics["sensitivity_seconds"] = sens["_meta"]["seconds"]
+    if "_search" in (sens or {}):
+        found = sens["_search"]
+        report.metrics.update(search_seconds=found["seconds"], search_evaluations=found["evaluations"],
+                              search_loss=found["loss"], search_loss_uniform=found["loss_uniform"])
+        report.metrics["search_chosen"] = found["chosen"]
     return report

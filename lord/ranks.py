@@ -21,6 +21,9 @@ Plans for a target parameter reduction ``p`` (each hits the smallest removal >= 
 * ``auto``: minimum predicted loss: the same knapsack on ``sum_g w_g e_g(r_g)`` with ``w_g`` each group's
   measured loss sensitivity (lord/sensitivity.py: loss increase of a probe truncation / its error); without
   ``weights`` every ``w_g = 1`` (= ``spectrum``).
+* ``search`` (lord/search.py): measured, not predicted: per-type multipliers on the uniform plan found by
+  coordinate descent on the calibration loss of the whole cut model, and the ``auto`` plan as a rival; the
+  lower calibration loss wins. Needs the model, so it lives in ``lord.model_ops.decompose_model``.
 
 Measured (bench/results/lord.json, smollm2-135m, dense ppl 10.50, 16 x 512-token held-out windows): normalised
 output error alone does not predict the loss cost of a cut across groups; weighting it does. Held-out ppl at
@@ -41,7 +44,7 @@ import torch
 from lord.errors import LordError
 from lord.surgery import Group
 
-PLANS = ("uniform", "budget", "spectrum", "auto")
+PLANS = ("uniform", "budget", "spectrum", "auto", "search")
 
 
 def parity_rank(m: int, n: int) -> float:
@@ -65,6 +68,9 @@ def rank_plan(groups: list[Group], total_params: int, plan: str, reduction: floa
     ``weights`` (group -> loss per unit error, lord/sensitivity.py) for auto."""
     if plan not in PLANS:
         raise LordError(f"unknown rank plan {plan!r}; expected one of {PLANS}")
+    if plan == "search":
+        raise LordError("plan 'search' measures the model's loss for each candidate plan: use "
+                        "lord.decompose_model (or lord.search.search_plan), not rank_plan")
     if plan == "uniform" and rank_reduction is not None:
         return _uniform_rank_reduction(groups, rank_reduction)
     if reduction is None or not 0 < reduction < 1:

@@ -70,7 +70,7 @@ def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Pat
                       f"inputs (e.g. {thin[0]}): their Gram is rank-deficient and their error is underestimated; "
                       f"calibrate with n_seqs * seq_len >= {max(g.n for g in groups)}", stacklevel=2)
     sens_ids = None
-    if cfg.plan == "auto":
+    if cfg.plan in ("auto", "search"):
         sens_ids = calibration_batches(tok, code_split().calibration, n_seqs=cfg.sensitivity_seqs,
                                        seq_len=cfg.sensitivity_seq_len, seed=cfg.sensitivity_seed)
     report = decompose_model(m, group_stats, cfg, sensitivity_ids=sens_ids)
@@ -84,8 +84,8 @@ def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Pat
         if report.sensitivities is not None:  # per-group weights, for flows to log (lord/sensitivity.py)
             # timings live in metrics.json: the checkpoint's files must be bit-identical on a recompute, so
             # content-addressed downstream stages keep their cache keys
-            sens = {**report.sensitivities, "_meta": {k: v for k, v in report.sensitivities["_meta"].items()
-                                                      if k != "seconds"}}
+            sens = {k: ({kk: vv for kk, vv in v.items() if kk != "seconds"} if k.startswith("_") else v)
+                    for k, v in report.sensitivities.items()}
             (tmp / "sensitivity.json").write_text(json.dumps(sens, indent=2, sort_keys=True))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         (tmp / "lord_artifact.json").write_text(json.dumps(

@@ -74,7 +74,7 @@ class GramCollector:
                 self._handles.append(mod.register_forward_hook(self._output_hook(g.name, mod)))
 
     def _count_input(self, name: str, x: torch.Tensor) -> None:
-        self._xsum[name] += x.sum(0, dtype=torch.float64)
+        self._xsum[name] += x.sum(0).double()  # fp32 within a batch, like the Gram: no fp64 copy of x
         self._count[name] += x.shape[0]
 
     def _input_hook(self, name: str):
@@ -92,7 +92,7 @@ class GramCollector:
             if getattr(mod, "bias", None) is not None:
                 y = y - mod.bias.detach().float()
             self._sum[name] += (y.T @ y).to(self._sum[name].dtype)
-            self._trace[name] += float(torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)
+            self._trace[name] += float(torch.linalg.vector_norm(x)) ** 2
             self._count_input(name, x)
 
         return hook

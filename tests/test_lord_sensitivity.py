@@ -149,3 +149,49 @@ def test_config_validates_sensitivity_fields():
         lord.DecomposeConfig(plan="auto", probe_fraction=0.0)
     with pytest.raises(LordError, match="sensitivity_seqs"):
         lord.DecomposeConfig(plan="auto", sensitivity_seqs=0)
+
+
+def test_search_plan_measures_its_candidates_and_restores_the_model(tiny_any):
+    """The measured plan: meets the target below parity, never loses to uniform or its rival on calibration
+    loss (it evaluates them), scores a candidate with the same loss a really factored model has, and leaves
+    the dense model exactly as it was."""
+    from torch.nn import functional as F  # noqa: N812
+
+    from lord.search import group_type, search_plan, type_ranks
+
+    model = tiny_any
+    ids = _ids(12, 64)
+    groups, facts = _facts(model, ids[:8])
+    total = lord.count_params(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    target = 0.2 * total
+    uniform = lord.rank_plan(groups, total, "uniform", 0.2)
+    assert type_ranks(groups, {group_type(g): 1.0 for g in groups}, target) == uniform  # c = 1: uniform
+    rival = lord.rank_plan(groups, total, "spectrum", 0.2, {k: f.error_curve() for k, f in facts.items()})
+    ranks, rep = search_plan(model, groups, facts, ids[8:], target, passes=1, progress=False,
+                             candidates={"spectrum": rival})
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(type(model.get_submodule(m)).__name__ != "_Sliced" for g in groups for m in g.members)
+    assert lord.plan_summary(groups, ranks, total)["params_removed"] >= target
+    assert all(r is None or r <= max_factored_rank(g.m, g.n) for g, r in zip(groups, ranks.values(), strict=True))
+    losses = {h.get("candidate", "uniform" if i == 0 else "types"): h["loss"] for i, h in enumerate(rep["history"])}
+    assert rep["loss"] == min(h["loss"] for h in rep["history"]) <= min(losses["uniform"], losses["spectrum"])
+    factored = copy.deepcopy(model)
+    lord.apply_ranks(factored, groups, facts, ranks, total)
+    with torch.no_grad():
+        logits = factored(input_ids=ids[8:]).logits[:, :-1].float()
+        real = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[8:, 1:].reshape(-1)))
+    assert real == pytest.approx(rep["loss"], rel=1e-4)
+
+
+def test_decompose_model_search_plan_reports_choice(tiny_llama, calib_ids):
+    groups = lord.find_groups(tiny_llama)
+    stats = lord.collect_stats(tiny_llama, groups, calib_ids, progress=False)
+    report = lord.decompose_model(tiny_llama, stats, lord.DecomposeConfig(plan="search", reduction=0.1),
+                                  progress=False, sensitivity_ids=calib_ids[:4])
+    assert report.metrics["param_reduction"] >= 0.1
+    assert report.metrics["search_chosen"] in ("uniform", "types", "auto")
+    assert report.metrics["search_loss"] <= report.metrics["search_loss_uniform"]
+    assert report.sensitivities["_search"]["evaluations"] > 1
+    with pytest.raises(LordError, match="decompose_model"):
+        lord.rank_plan(groups, lord.count_params(tiny_llama), "search", 0.1)
