@@ -17,8 +17,8 @@ EXP=$(MLFLOW_TRACKING_URI="http://127.0.0.1:$PORT" "$BIN/python" -c \
 if [ "$#" -gt 0 ]; then
     RUNS=$(printf '"%s",' "$@"); URL="http://127.0.0.1:$PORT/#/compare-runs?runs=[${RUNS%,}]&experiments=[\"$EXP\"]"
 else
-    URL="http://127.0.0.1:$PORT/#/experiments/$EXP"
+    URL="http://127.0.0.1:$PORT/#/experiments/$EXP/runs?isPreview=false&expandedRows=true"
 fi
 chromium --headless --no-sandbox --disable-gpu --disable-background-networking --hide-scrollbars \
-    --window-size=1600,1000 --virtual-time-budget=15000 --screenshot="$(realpath -m "$OUT")" "$URL" 2>/dev/null
+    --window-size=1600,${HEIGHT:-1000} --virtual-time-budget=15000 --screenshot="$(realpath -m "$OUT")" "$URL" 2>/dev/null
 echo "wrote $OUT ($URL)"

@@ -34,12 +34,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {
         "model": "qwen2.5-coder-0.5b",
         "bits": (4,),
-        # Measured on qwen (2 cores, shared): dense evaluation 4.2 min at 16 windows + 10 problems, calibrate
-        # 32x256 3.4 min, decompose 5 min; evaluation runs 4 times, so it is kept small here.
+        # Measured on qwen (2 cores, quiet; bench/results/make_run.json): the whole run 10.5 min with plan auto
+        # (evaluations 41-72 s each, calibrate 58 s, decompose 64 s, GPTQ-4 113 s, QLoRA 145 s); the search plan
+        # adds ~2 min of loss evaluations to decompose.
         # calibration tokens must exceed the widest group input (Qwen's down_proj reads 4864): with 16x256 the
         # Gram was rank-deficient and LoRD-10% cost ppl 6.95 -> 12.3 in a measured make run
         "calibrate": {"n_seqs": 32, "seq_len": 256},
-        "decompose": {"method": "lord", "plan": "auto", "reduction": 0.1},
+        "decompose": {"method": "lord", "plan": "search", "reduction": 0.1},
         "quantize": {"group_size": 128, "n_seqs": 16, "seq_len": 256},
         "finetune": {"steps": 6, "n_examples": 96, "n_eval": 8, "max_seq_len": 192, "micro_batch_size": 2,
                      "grad_accum_steps": 2, "warmup_steps": 1, "eval_every": 3},
@@ -50,7 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": "qwen2.5-coder-0.5b",
         "bits": (8, 4),
         "calibrate": {"n_seqs": 128, "seq_len": 512},
-        "decompose": {"method": "lord", "plan": "auto", "reduction": 0.2},
+        "decompose": {"method": "lord", "plan": "search", "reduction": 0.2},
         "quantize": {"group_size": 128, "n_seqs": 128, "seq_len": 512},
         "finetune": {"steps": 200, "max_seq_len": 512},
         "evaluate": {"seq_len": 512, "n_windows": 64, "humaneval_problems": 164, "humaneval_max_new_tokens": 512,

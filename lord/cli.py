@@ -26,7 +26,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     dec.add_argument("--stats", type=Path, help="existing statistics (default: collect into <out>.stats/)")
     dec.add_argument("--method", choices=METHODS, default="lord")
-    dec.add_argument("--plan", choices=PLANS, default="auto")
+    dec.add_argument("--plan", choices=PLANS, default="search")
     dec.add_argument("--reduction", type=float, default=0.1, help="whole-model parameter reduction in (0, 1)")
     dec.add_argument("--rank-reduction", type=float, help="uniform plan only: 1 - r/min(m, n) for every group")
     dec.add_argument("--damping", type=float, default=0.01, help="whitening damping (fraction of mean diag G)")

@@ -55,7 +55,9 @@ class DecomposeConfig:
     """
 
     method: str = "lord"
-    plan: str = "auto"  # Fisher-weighted: beats uniform at 10/20/30% on smollm2-135m (bench/results/lord.json)
+    # measured: picks Fisher-weighted auto on smollm2-135m (ppl 19.7 vs uniform 27.4 at -20%) and avoids it on
+    # qwen2.5-coder-0.5b, where auto lost to uniform (52.4 vs 29.0); bench/results/lord_plans.json
+    plan: str = "search"
     reduction: float | None = 0.1
     rank_reduction: float | None = None
     targets: tuple[str, ...] = ("*",)
