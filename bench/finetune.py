@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import write_results  # noqa: I001  (bench/ is on sys.path)
+from common import RESULTS, write_results  # noqa: I001  (bench/ is on sys.path)
 
 from artifacts import is_complete
 from evaluation.perplexity import PerplexityConfig, perplexity
@@ -130,7 +130,16 @@ def main() -> None:
                 "repeats": args.repeats, "lord_build_seconds": round(lord_seconds, 1),
                 "memory": "peak RSS (VmHWM) of a fresh process per run; train_* after a reset post-load",
                 "note": "dense = the dequantized GGUF weights shipped in the package (already Q4-Q8 upstream)"}
-    write_results("finetune", protocol, records, ratios=ratios)
+    prev = RESULTS / "finetune.json"  # keep other models' runs (one model per invocation on this CPU)
+    old = json.loads(prev.read_text()) if prev.is_file() else {}
+    kept = [r for r in old.get("records", []) if r.get("model") != args.model]
+    by_model = {k: v for k, v in old.get("ratios_by_model", {}).items() if k != args.model}
+    if "ratios" in old and "ratios_by_model" not in old and kept:
+        by_model[kept[0]["model"]] = old["ratios"]  # files written before ratios were kept per model
+    protocols = {k: v for k, v in old.get("protocol_by_model", {}).items() if k != args.model}
+    write_results("finetune", protocol, kept + records, ratios=ratios,
+                  ratios_by_model={**by_model, args.model: ratios},
+                  protocol_by_model={**protocols, args.model: protocol})
 
 
 def _median(xs: list[float]) -> float:
