@@ -137,6 +137,8 @@ def main() -> None:
     if "ratios" in old and "ratios_by_model" not in old and kept:
         by_model[kept[0]["model"]] = old["ratios"]  # files written before ratios were kept per model
     protocols = {k: v for k, v in old.get("protocol_by_model", {}).items() if k != args.model}
+    if "protocol" in old and "protocol_by_model" not in old and kept:
+        protocols[kept[0]["model"]] = old["protocol"]
     write_results("finetune", protocol, kept + records, ratios=ratios,
                   ratios_by_model={**by_model, args.model: ratios},
                   protocol_by_model={**protocols, args.model: protocol})
