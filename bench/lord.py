@@ -227,7 +227,21 @@ def main() -> None:
     ap.add_argument("--reductions", nargs="+", type=float, default=list(REDUCTIONS))
     ap.add_argument("--windows", type=int, default=PPL_PROTOCOL["n_windows"], help="held-out 512-token windows")
     ap.add_argument("--replot", action="store_true", help="recompute comparisons and figures from lord.json only")
+    ap.add_argument("--overhead-only", action="store_true",
+                    help="re-measure the calibration overhead of --models only; update their summaries in lord.json")
     args = ap.parse_args()
+    if args.overhead_only:
+        doc = json.loads((RESULTS / "lord.json").read_text())
+        for s in doc["models"]:
+            if s["model"] in args.models:
+                model, tok = load_model(s["model"])
+                ids = calibration_batches(tok, code_split().calibration, n_seqs=CALIB[s["model"]][0],
+                                          seq_len=CALIB[s["model"]][1], seed=0)
+                overhead = calibration_overhead(model, lord.find_groups(model), ids[:OVERHEAD_SEQS])
+                print(s["model"], overhead, flush=True)
+                s["calibration"].update({k: round(v, 3) for k, v in overhead.items()})
+        write_json_atomic(RESULTS / "lord.json", doc)
+        return
     if args.replot:
         doc = json.loads((RESULTS / "lord.json").read_text())
         doc.update(comparisons=compare(doc["records"]), figures=plot(doc["records"]))
