@@ -11,16 +11,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ORDER = ["baseline", "lord", "quant", "finetune", "humaneval", "reliability", "deployment_check", "quant_interop"]
+ORDER = ["make_run", "baseline", "lord", "lord_plans", "quant", "finetune", "humaneval", "reliability",
+         "deployment_check", "quant_interop"]
 # Columns worth a glance per benchmark; anything else stays in the json.
 COLUMNS: dict[str, list[str]] = {
     "baseline": ["model", "params", "non_embedding_params", "ppl", "bits_per_byte", "forward_seconds_per_512_tokens",
                  "load_gguf_seconds", "load_cached_seconds"],
     "lord": ["model", "method", "plan", "param_reduction", "rank_reduction", "n_groups_factored", "ppl", "ppl_dense",
              "ppl_increase", "forward_ratio", "decompose_seconds"],
+    "lord_plans": ["model", "plan", "param_reduction", "n_groups_factored", "ppl", "ppl_dense", "ppl_increase",
+                   "calibration_loss", "search_chosen", "search_evaluations", "search_seconds"],
+    "make_run": ["preset", "variant", "params", "param_reduction", "size_mb", "ppl", "ppl_increase", "pass_at_1"],
     "quant": ["model", "base", "variant", "group_size", "ppl", "ppl_increase", "size_mb", "avg_bits_per_weight",
               "outlier_fraction", "quantize_seconds"],
-    "finetune": ["model", "variant", "params", "peak_rss_mb", "seconds_per_step", "eval_loss_before",
+    "finetune": ["model", "variant", "params", "peak_rss_mb", "quantized_weight_mb", "seconds_per_step", "eval_loss_before",
                  "eval_loss_after", "ppl_before", "ppl_nf4_base", "ppl_after"],
     "humaneval": ["model", "variant", "n_problems", "pass_at_1", "n_passed", "tokens_per_second_ratio",
                   "executions_per_second"],
