@@ -44,11 +44,15 @@ def run_model(name: str, reduction: float, windows: int, split) -> list[dict]:
     fisher_seconds = time.perf_counter() - t0
     auto = lord.rank_plan(groups, total, "auto", reduction, curves, weights=weights_of(sens))
     plans = {"uniform": lord.rank_plan(groups, total, "uniform", reduction), "auto": auto}
-    found, rep = search_plan(model, groups, facts, sens_ids, reduction * total, candidates={"auto": auto})
+    val_ids = calibration_batches(tok, split.calibration, n_seqs=SENS.sensitivity_seqs,  # as lord.stages
+                                  seq_len=SENS.sensitivity_seq_len, seed=SENS.sensitivity_seed + 1000)
+    found, rep = search_plan(model, groups, facts, sens_ids, reduction * total, candidates={"auto": auto},
+                             validation_ids=val_ids)
     plans["search"] = found
     calib_loss = {"uniform": rep["loss_uniform"],
                   "auto": next(h["loss"] for h in rep["history"] if h.get("candidate") == "auto"),
                   "search": rep["loss"]}
+    best_types = min(h["loss"] for h in rep["history"] if "multipliers" in h)
     proto = {**PPL_PROTOCOL, "n_windows": windows}
     dense = perplexity(model, tok, split.heldout, **proto, progress=False).ppl
     records = []
@@ -70,6 +74,8 @@ def run_model(name: str, reduction: float, windows: int, split) -> list[dict]:
                "rank_reduction_by_type": {t: round(sum(v) / len(v), 3) for t, v in by_type.items()}}
         if plan == "search":
             rec.update(search_chosen=rep["chosen"], search_multipliers=rep["multipliers"],
+                       search_best_types_loss=round(best_types, 4),
+                       validation_loss={k: round(v, 4) for k, v in rep["validation_loss"].items()},
                        search_evaluations=rep["evaluations"], search_seconds=round(rep["seconds"], 1),
                        fisher_seconds=round(fisher_seconds, 1))
         print(json.dumps(rec), flush=True)

@@ -77,7 +77,8 @@ def apply_ranks(model: nn.Module, groups: list[Group], facts: Mapping[str, Facto
 
 
 def decompose_model(model: nn.Module, stats: Mapping[str, GroupStats], cfg: DecomposeConfig,
-                    progress: bool = True, sensitivity_ids: torch.Tensor | None = None) -> DecomposeReport:
+                    progress: bool = True, sensitivity_ids: torch.Tensor | None = None,
+                    validation_ids: torch.Tensor | None = None) -> DecomposeReport:
     """Factor ``model`` in place: statistics -> per-group factorization -> rank plan -> module swap.
 
     Plan ``auto`` also needs ``sensitivity_ids`` ([n_seqs, seq_len] calibration tokens) for the loss probes.
@@ -102,7 +103,7 @@ def decompose_model(model: nn.Module, stats: Mapping[str, GroupStats], cfg: Deco
                       weights_of(sens) if sens is not None else None)
     if cfg.plan == "search":
         ranks, found = search_plan(model, groups, facts, sensitivity_ids, cfg.reduction * total,
-                                   candidates={"auto": ranks}, progress=progress)
+                                   candidates={"auto": ranks}, progress=progress, validation_ids=validation_ids)
         sens = {**sens, "_search": found}
     report = apply_ranks(model, groups, facts, ranks, total)
     report.sensitivities = sens

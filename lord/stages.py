@@ -69,11 +69,14 @@ def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Pat
         warnings.warn(f"calibration has {group_stats[thin[0]].n_tokens} tokens but {len(thin)} groups read wider "
                       f"inputs (e.g. {thin[0]}): their Gram is rank-deficient and their error is underestimated; "
                       f"calibrate with n_seqs * seq_len >= {max(g.n for g in groups)}", stacklevel=2)
-    sens_ids = None
+    sens_ids = val_ids = None
     if cfg.plan in ("auto", "search"):
         sens_ids = calibration_batches(tok, code_split().calibration, n_seqs=cfg.sensitivity_seqs,
                                        seq_len=cfg.sensitivity_seq_len, seed=cfg.sensitivity_seed)
-    report = decompose_model(m, group_stats, cfg, sensitivity_ids=sens_ids)
+    if cfg.plan == "search":  # an independent batch re-scores the search's finalists (lord/search.py)
+        val_ids = calibration_batches(tok, code_split().calibration, n_seqs=cfg.sensitivity_seqs,
+                                      seq_len=cfg.sensitivity_seq_len, seed=cfg.sensitivity_seed + 1000)
+    report = decompose_model(m, group_stats, cfg, sensitivity_ids=sens_ids, validation_ids=val_ids)
     info = {"method": cfg.method, "plan": cfg.plan, "config": cfg.to_dict(), "source_model": str(model),
             "stats_model": meta.get("model"), "calibration_hash": meta.get("calibration_hash")}
     metrics = {**report.metrics, "method": cfg.method, "plan": cfg.plan, "rank_deficient_groups": len(thin),

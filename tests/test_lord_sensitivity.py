@@ -182,6 +182,12 @@ def test_search_plan_measures_its_candidates_and_restores_the_model(tiny_any):
         logits = factored(input_ids=ids[8:]).logits[:, :-1].float()
         real = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[8:, 1:].reshape(-1)))
     assert real == pytest.approx(rep["loss"], rel=1e-4)
+    # an independent batch re-scores the finalists; its argmin wins, whatever the search batch said
+    ranks_v, rep_v = search_plan(model, groups, facts, ids[8:], target, passes=1, progress=False,
+                                 candidates={"spectrum": rival}, validation_ids=ids[:4])
+    assert {"uniform", "spectrum"} <= set(rep_v["validation_loss"])
+    assert rep_v["chosen"] == min(rep_v["validation_loss"], key=rep_v["validation_loss"].get)
+    assert ranks_v == {"uniform": uniform, "spectrum": rival}.get(rep_v["chosen"], ranks_v)
 
 
 def test_decompose_model_search_plan_reports_choice(tiny_llama, calib_ids):
