@@ -128,11 +128,28 @@ def _uniform_rank_reduction(groups: list[Group], rho: float) -> dict[str, int | 
 
 
 def _uniform_parity_fraction(groups: list[Group], target: float) -> dict[str, int | None]:
-    def ranks(f: float) -> dict[str, int | None]:
-        return {g.name: max(1, min(max_factored_rank(g.m, g.n), math.floor(f * parity_rank(g.m, g.n))))
-                if max_factored_rank(g.m, g.n) >= 1 else None for g in groups}
+    ranks = parity_fraction_ranks(groups, target)
+    if ranks is None:  # rank_plan checked the ceiling; kept for direct callers
+        raise LordError(f"{target:.3g} parameters cannot be removed from the targeted groups")
+    return ranks
 
-    lo, hi = 0.0, 1.0  # removal(lo) >= target by the ceiling check; find the largest such f
+
+def parity_fraction_ranks(groups: list[Group], target: float,
+                          depth: Mapping[str, float] | None = None) -> dict[str, int | None] | None:
+    """Every group at ``r = floor(parity * (1 - c_g (1 - f)))`` (clipped to ``[1, max_factored_rank]``), with
+    ``f`` the largest fraction (bisection) removing >= ``target``; ``c_g = depth[group]`` (default 1: the uniform
+    plan; lord/search.py varies it per type). None if even ``f = 0`` falls short."""
+    def ranks(f: float) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        for g in groups:
+            frac = 1.0 - (depth[g.name] if depth is not None else 1.0) * (1.0 - f)
+            rmax = max_factored_rank(g.m, g.n)
+            out[g.name] = None if rmax < 1 else max(1, min(rmax, math.floor(frac * parity_rank(g.m, g.n))))
+        return out
+
+    if _removed(groups, ranks(0.0)) < target:
+        return None
+    lo, hi = 0.0, 1.0  # find the largest f whose removal still meets the target
     for _ in range(50):
         mid = 0.5 * (lo + hi)
         if _removed(groups, ranks(mid)) >= target:

@@ -16,7 +16,6 @@ Each evaluation is one forward: the factors are computed once at the largest ran
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 
 from lord.decompose import Factorization
 from lord.errors import LordError
-from lord.ranks import max_factored_rank, params_removed, parity_rank
+from lord.ranks import max_factored_rank, parity_fraction_ranks
 from lord.surgery import Group, stacked_weight
 
 MULTIPLIERS = (0.5, 0.75, 1.5, 2.0)
@@ -56,27 +55,7 @@ def group_type(group: Group) -> str:
 
 def type_ranks(groups: list[Group], mult: Mapping[str, float], target: float) -> dict[str, int | None] | None:
     """Ranks for multipliers ``mult`` (type -> c_t) meeting ``target`` removed parameters, or None if unreachable."""
-    def ranks(f: float) -> dict[str, int | None]:
-        out: dict[str, int | None] = {}
-        for g in groups:
-            frac = 1.0 - mult[group_type(g)] * (1.0 - f)
-            rmax = max_factored_rank(g.m, g.n)
-            out[g.name] = None if rmax < 1 else max(1, min(rmax, math.floor(frac * parity_rank(g.m, g.n))))
-        return out
-
-    def removed(f: float) -> int:
-        return sum(params_removed(g.m, g.n, r) for g, r in zip(groups, ranks(f).values(), strict=True))
-
-    if removed(0.0) < target:
-        return None
-    lo, hi = 0.0, 1.0
-    for _ in range(50):
-        mid = 0.5 * (lo + hi)
-        if removed(mid) >= target:
-            lo = mid
-        else:
-            hi = mid
-    return ranks(lo)
+    return parity_fraction_ranks(groups, target, {g.name: mult[group_type(g)] for g in groups})
 
 
 @torch.no_grad()
