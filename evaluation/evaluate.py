@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from artifacts import atomic_dir, write_json_atomic
-from sources import code_split, load_model, resolve_model_dir
+from sources import SourceError, code_split, load_model, resolve_model_dir
+from sources.compute import check_dtype_name, compute_dtype, dtype_name
 from sources.models import weights_bytes
 
 from .errors import EvalError
@@ -36,8 +37,13 @@ class EvalConfig:
     humaneval_timeout_seconds: float = 10.0  # wall clock per completion
     allow_execution: bool = False  # generated code runs only when the caller opts in
     device: str = "cpu"
+    dtype: str = "auto"  # compute dtype of every forward here (sources/compute.py); losses stay float32
 
     def __post_init__(self) -> None:
+        try:
+            check_dtype_name(self.dtype)
+        except SourceError as e:
+            raise EvalError(str(e)) from e
         self.ppl_config()  # validates the perplexity fields
         if not 0 <= self.humaneval_problems <= 164:
             raise EvalError(f"humaneval_problems={self.humaneval_problems} must be in [0, 164] (0 skips HumanEval)")
@@ -66,9 +72,12 @@ def evaluate_to_dir(model: str, cfg: EvalConfig, out_dir: Path) -> dict[str, Any
     """Evaluate ``model`` (any ``sources.load_model`` spec) and write ``metrics.json`` into ``out_dir``."""
     t0 = time.perf_counter()
     split = code_split(cfg.heldout_root)
-    net, tok = load_model(model, device=cfg.device)
+    # evaluation writes no weights, so the model is loaded straight in the compute dtype
+    dtype = compute_dtype(cfg.device, cfg.dtype)
+    net, tok = load_model(model, device=cfg.device, dtype=dtype)
     res = perplexity(net, tok, split.heldout, cfg.ppl_config())
     metrics: dict[str, Any] = {
+        "compute_dtype": dtype_name(dtype),
         "ppl": res.ppl, "bits_per_byte": res.bits_per_byte, "ppl_n_tokens": res.n_tokens,
         "ppl_seconds": res.seconds, "params": logical_params(net),
         "size_mb": model_size_mb(model), "heldout_digest": split.digest,
@@ -85,7 +94,7 @@ def evaluate_to_dir(model: str, cfg: EvalConfig, out_dir: Path) -> dict[str, Any
             ks = tuple(k for k in (1, 10, 100) if k <= cfg.humaneval_n)
             box = SandboxConfig(workers=cfg.humaneval_workers, wall_seconds=cfg.humaneval_timeout_seconds)
             he_cfg = HumanEvalConfig(limit=cfg.humaneval_problems, ks=ks, generation=gen, sandbox=box,
-                                     allow_execution=cfg.allow_execution)
+                                     allow_execution=cfg.allow_execution, dtype=cfg.dtype)
             # beside out_dir, not inside the temp dir: its partial completions survive a crash and resume
             he_dir = out_dir.with_name(f"{out_dir.name}.humaneval")
             metrics.update(humaneval_to_dir(model, he_cfg, he_dir, loaded=(net, tok)))

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from artifacts import atomic_dir, sha256_json, write_json_atomic
+from sources import SourceError
+from sources.compute import check_dtype_name, compute_dtype
 from sources.humaneval import HumanEvalProblem, load_humaneval
 
 from .errors import EvalError
@@ -37,8 +39,13 @@ class HumanEvalConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     allow_execution: bool = False
+    dtype: str = "auto"  # compute dtype when this stage loads the model itself (sources/compute.py)
 
     def __post_init__(self) -> None:
+        try:
+            check_dtype_name(self.dtype)
+        except SourceError as e:
+            raise EvalError(str(e)) from e
         if isinstance(self.generation, dict):
             object.__setattr__(self, "generation", GenerationConfig(**self.generation))
         if isinstance(self.sandbox, dict):
@@ -140,7 +147,7 @@ def humaneval_to_dir(model: str, cfg: HumanEvalConfig, out_dir: Path, progress: 
         shutil.rmtree(work)  # a different model or config: its partial completions are not ours to resume
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(work / "key.json", key)
-    net, tok = loaded if loaded is not None else load_model(model)
+    net, tok = loaded if loaded is not None else load_model(model, dtype=compute_dtype("cpu", cfg.dtype))
     metrics, tables = run_humaneval(net, tok, cfg, work, progress=progress)
     metrics["model"] = str(model)
     with atomic_dir(out_dir) as tmp:

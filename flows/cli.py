@@ -12,17 +12,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from flows.errors import FlowError
 from flows.presets import PRESETS, STAGES, SUPPORTED_BITS
+from sources.compute import DTYPE_CHOICES
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if getattr(args, "dtype", None):  # the process-wide compute dtype (sources/compute.py), for every stage
+        from sources.compute import DTYPE_ENV
+
+        os.environ[DTYPE_ENV] = args.dtype
     try:
         result = args.func(args)
         if isinstance(result, dict):  # library subcommands return their metrics
@@ -42,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lord", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=argparse.SUPPRESS,
+                   help="compute dtype of every forward (auto: bf16 where the CPU/GPU multiplies it natively, "
+                        "else float32); artifacts keep their stored dtype")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run the lord-pipeline flow locally and print the summary table")
@@ -53,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
         r.add_argument(f"--no-{stage}", dest=stage, action="store_false", help=f"skip the {stage} stage")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                    help="override one stage config field, e.g. --set evaluate.humaneval_problems=5")
+    r.add_argument("--dtype", choices=DTYPE_CHOICES, default=argparse.SUPPRESS,
+                   help="compute dtype of every stage's forwards (default auto); same as `lord --dtype`")
     r.add_argument("--runs-dir", default="runs")
     r.add_argument("--experiment", default="lord-pipeline")
     r.set_defaults(func=_cmd_run)

@@ -96,8 +96,20 @@ def content_hash(model: str) -> str:
 
 
 def stage_key(stage: str, cfg: dict[str, Any], inputs: dict[str, str]) -> str:
+    # the compute dtype "auto" resolves to (this machine, $LORD_DTYPE) changes results: bf16 != float32 numbers
     return sha256_json({"stage": stage, "config": cfg, "inputs": inputs, "code": code_hash(stage),
-                        "v": CACHE_VERSION})[:20]
+                        "compute_dtype": process_compute_dtype(), "v": CACHE_VERSION})[:20]
+
+
+def process_compute_dtype() -> str:
+    """What a stage's ``dtype="auto"`` resolves to in this process (sources/compute.py)."""
+    import warnings
+
+    from sources.compute import compute_dtype, dtype_name
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dtype_name(compute_dtype("cpu"))
 
 
 @functools.cache

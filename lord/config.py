@@ -28,8 +28,11 @@ class CalibConfig:
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
     statistic: str = "auto"
+    dtype: str = "auto"  # forward dtype (sources/compute.py); Grams still accumulate fp32 per batch into fp64
 
     def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16"):  # sources.compute.DTYPE_CHOICES
+            raise LordError(f"CalibConfig dtype={self.dtype!r}; expected auto, float32 or bfloat16")
         if self.statistic not in STATISTICS:
             raise LordError(f"statistic {self.statistic!r} is unknown; expected one of {STATISTICS}")
         if self.n_seqs < 1 or self.seq_len < 2 or self.batch_size < 1:

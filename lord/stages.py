@@ -24,10 +24,14 @@ def collect_stats_to_file(model: str, out: Path, cfg: CalibConfig) -> dict:
     ``out`` may be a file path or a directory (then ``out/stats.safetensors`` plus ``metrics.json``).
     """
     from sources import batches_digest, calibration_batches, code_split, load_model
+    from sources.compute import compute_dtype, dtype_name
 
     out = Path(out)
     path = out / STATS_FILE if out.suffix != ".safetensors" else out
     m, tok = load_model(model)
+    fingerprint = model_fingerprint(m)  # of the stored weights, before any cast to the compute dtype
+    dtype = compute_dtype("cpu", cfg.dtype)
+    m = m.to(dtype)  # forwards only; the hooks upcast each batch to fp32 and sum into fp64 (lord/stats.py)
     split = code_split()
     ids = calibration_batches(tok, split.calibration, n_seqs=cfg.n_seqs, seq_len=cfg.seq_len, seed=cfg.seed)
     groups = find_groups(m, cfg.targets, cfg.ignore)
@@ -35,13 +39,14 @@ def collect_stats_to_file(model: str, out: Path, cfg: CalibConfig) -> dict:
     stats = collect_stats(m, groups, ids, batch_size=cfg.batch_size, statistic=cfg.statistic)
     seconds = time.perf_counter() - t0
     meta = {"model": str(model), "calibration_hash": batches_digest(ids), "corpus_digest": split.digest,
-            "config": cfg.to_dict(), "model_type": m.config.model_type, "model_fingerprint": model_fingerprint(m)}
+            "config": cfg.to_dict(), "model_type": m.config.model_type, "model_fingerprint": fingerprint,
+            "compute_dtype": dtype_name(dtype)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_stats(tmp, stats, groups, meta)
     tmp.replace(path)
     metrics = {"stats_path": str(path), "n_groups": len(groups), "n_tokens": int(ids.numel()),
-               "calibration_seconds": seconds, "calibration_hash": meta["calibration_hash"]}
+               "calibration_seconds": seconds, "compute_dtype": dtype_name(dtype), "calibration_hash": meta["calibration_hash"]}
     if path.parent == out:
         write_json_atomic(out / "metrics.json", metrics)
     return metrics
