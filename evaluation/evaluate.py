@@ -79,7 +79,7 @@ def evaluate_to_dir(model: str, cfg: EvalConfig, out_dir: Path) -> dict[str, Any
     metrics: dict[str, Any] = {
         "compute_dtype": dtype_name(dtype),
         "ppl": res.ppl, "bits_per_byte": res.bits_per_byte, "ppl_n_tokens": res.n_tokens,
-        "ppl_seconds": res.seconds, "params": logical_params(net),
+        "ppl_seconds": res.seconds, "params": logical_params(net), "tied_embeddings": tied_embeddings(net),
         "size_mb": model_size_mb(model), "heldout_digest": split.digest,
     }
     out_dir = Path(out_dir)
@@ -119,6 +119,12 @@ def logical_params(net: Any) -> int:
             bias = module._buffers.get("bias")
             n += module.in_features * module.out_features + (bias.numel() if bias is not None else 0)
     return n
+
+
+def tied_embeddings(net: Any) -> bool:
+    """Whether the head and the token embedding are one tensor (then counted once in ``params``)."""
+    head = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
+    return head is not None and head.weight is net.get_input_embeddings().weight
 
 
 def model_size_mb(model: str) -> float | None:

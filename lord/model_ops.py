@@ -51,9 +51,19 @@ def factorize_groups(model: nn.Module, groups: list[Group], stats: Mapping[str, 
     return out
 
 
+def linear_params(model: nn.Module) -> int:
+    """Parameters of every factorable linear group of the (dense) model, ``sum m n``: the denominator of
+    ``linear_param_reduction``."""
+    return sum(g.m * g.n for g in find_groups(model))
+
+
 def apply_ranks(model: nn.Module, groups: list[Group], facts: Mapping[str, Factorization],
-                ranks: Mapping[str, int | None], total_params: int) -> DecomposeReport:
-    """Swap every group with a rank for LowRankLinear (in place) and report errors and reductions."""
+                ranks: Mapping[str, int | None], total_params: int,
+                linear_total: int | None = None) -> DecomposeReport:
+    """Swap every group with a rank for LowRankLinear (in place) and report errors and reductions.
+
+    ``linear_total``: all factorable linear parameters (``linear_params`` of the dense model; default: the
+    targeted groups')."""
     report = {}
     for g in groups:
         r = ranks.get(g.name)
@@ -68,7 +78,7 @@ def apply_ranks(model: nn.Module, groups: list[Group], facts: Mapping[str, Facto
             "rel_output_error": err ** 0.5,
             "rank_reduction": (1 - r / min(g.m, g.n)) if r is not None else 0.0,
         }
-    metrics = plan_summary(groups, ranks, total_params)
+    metrics = plan_summary(groups, ranks, total_params, linear_total)
     errs = [v["rel_output_error"] for v in report.values() if v["rank"] is not None]
     metrics["rel_output_error_mean"] = sum(errs) / len(errs) if errs else 0.0
     metrics["params_total_dense"] = total_params
@@ -86,6 +96,7 @@ def decompose_model(model: nn.Module, stats: Mapping[str, GroupStats], cfg: Deco
     t0 = time.perf_counter()
     groups = find_groups(model, cfg.targets, cfg.ignore)
     total = count_params(model)
+    linear_total = linear_params(model)
     facts = factorize_groups(model, groups, stats, (cfg.method,), cfg.damping, progress)[cfg.method]
     curves = {name: f.error_curve() for name, f in facts.items()}
     sens = None
@@ -105,7 +116,7 @@ def decompose_model(model: nn.Module, stats: Mapping[str, GroupStats], cfg: Deco
         ranks, found = search_plan(model, groups, facts, sensitivity_ids, cfg.reduction * total,
                                    candidates={"auto": ranks}, progress=progress, validation_ids=validation_ids)
         sens = {**sens, "_search": found}
-    report = apply_ranks(model, groups, facts, ranks, total)
+    report = apply_ranks(model, groups, facts, ranks, total, linear_total)
     report.sensitivities = sens
     report.metrics["decompose_seconds"] = time.perf_counter() - t0
     if sens is not None:

@@ -97,8 +97,11 @@ def rank_plan(groups: list[Group], total_params: int, plan: str, reduction: floa
     return _min_total_error(groups, target, curves)
 
 
-def plan_summary(groups: list[Group], ranks: Mapping[str, int | None], total_params: int) -> dict[str, float]:
-    """Whole-model parameter reduction, the targeted layers' own reduction and the mean rank reduction."""
+def plan_summary(groups: list[Group], ranks: Mapping[str, int | None], total_params: int,
+                 linear_params: int | None = None) -> dict[str, float]:
+    """Whole-model parameter reduction, the targeted layers' own reduction, the share of all factorable linear
+    parameters removed (``linear_params``: every group's ``m n``, targeted or not; default the targeted ones; how
+    most papers count) and the mean rank reduction."""
     removed = sum(params_removed(g.m, g.n, ranks.get(g.name)) for g in groups)
     layer_params = sum(g.m * g.n for g in groups)
     factored = [g for g in groups if ranks.get(g.name) is not None]
@@ -106,6 +109,7 @@ def plan_summary(groups: list[Group], ranks: Mapping[str, int | None], total_par
     return {
         "param_reduction": removed / total_params,
         "layer_param_reduction": removed / layer_params,
+        "linear_param_reduction": removed / (linear_params or layer_params),
         "rank_reduction_mean": sum(rr) / len(rr) if rr else 0.0,
         "n_groups": len(groups),
         "n_groups_factored": len(factored),

