@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from forward import token_nll
 from sources.corpus import token_stream
 
 from .errors import EvalError
@@ -80,10 +81,8 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, files: list[Path], cfg: P
     starts = range(0, windows.shape[0], cfg.batch_size)
     for b in tqdm(starts, desc="perplexity", unit="batch", disable=not progress):
         batch = windows[b:b + cfg.batch_size]
-        logits = model(input_ids=batch.to(device), use_cache=False).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        targets = batch[:, 1:].to(device)
-        nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, L-1]; position j predicts j+1
+        logits = model(input_ids=batch.to(device), use_cache=False).logits
+        nll = token_nll(logits, batch)  # [B, L-1]; position j predicts j+1
         for k in range(batch.shape[0]):
             first = 0 if b + k == 0 else cfg.seq_len - stride - 1  # score only the new tokens
             first = max(first, 0)

@@ -19,10 +19,10 @@ from lord.ranks import PLANS, max_factored_rank, parity_rank, plan_summary, rank
 from lord.sensitivity import probe_sensitivities, weights_of
 from lord.stages import collect_stats_to_file, decompose_to_dir
 from lord.stats import GroupStats, collect_stats, load_stats, save_stats
-from lord.surgery import ADAPTERS, Group, find_groups
+from lord.surgery import Group, find_groups
 
 __all__ = [
-    "ADAPTERS", "METHODS", "PLANS", "CalibConfig", "DecomposeConfig", "DecomposeReport", "Factorization", "Group",
+    "METHODS", "PLANS", "CalibConfig", "DecomposeConfig", "DecomposeReport", "Factorization", "Group",
     "GroupStats", "LordError", "LowRankLinear", "apply_ranks", "collect_stats", "collect_stats_to_file",
     "count_params", "decompose_model", "decompose_to_dir", "factored_modules", "factorize", "factorize_groups",
     "find_groups", "load_factored", "load_stats", "max_factored_rank", "output_error", "parity_rank",

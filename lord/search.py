@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 from tqdm.auto import tqdm
 
+from forward import NLL, nll
 from lord.decompose import Factorization
 from lord.errors import LordError
 from lord.ranks import max_factored_rank, parity_fraction_ranks
@@ -47,10 +48,8 @@ class _Sliced(nn.Module):
 
 
 def group_type(group: Group) -> str:
-    """``model.layers.3.mlp.gate_up`` -> ``mlp.gate_up``: the name without the layer prefix."""
-    parts = group.name.split(".")
-    idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
-    return ".".join(parts[idx + 1:]) if idx is not None else group.name
+    """The group's registry kind (qkv, o, gate_up, down, ...; forward/arch.py); a hand-made group is its own type."""
+    return group.kind or group.name
 
 
 def type_ranks(groups: list[Group], mult: Mapping[str, float], target: float) -> dict[str, int | None] | None:
@@ -99,14 +98,11 @@ def search_plan(model: nn.Module, groups: list[Group], facts: Mapping[str, Facto
             for name, r in ranks.items():
                 states[name]["rank"] = r
             device = next(model.parameters()).device
-            total, count = 0.0, 0
+            total = NLL()
             for i in range(0, batch.shape[0], batch_size):
                 x = batch[i:i + batch_size].to(device)
-                logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-                total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                               reduction="sum"))
-                count += x[:, 1:].numel()
-            return total / count
+                total = total + nll(model(input_ids=x, use_cache=False).logits, x)
+            return total.mean
 
         best_ranks, best = start, loss(start)
         history: list[dict] = [{"multipliers": dict(mult), "loss": best}]

@@ -22,17 +22,14 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
 from tqdm.auto import tqdm
 
+from forward import all_layer_inputs, nll_from, token_nll
 from lord.decompose import Factorization
 from lord.errors import LordError
 from lord.ranks import max_factored_rank
-from lord.surgery import ADAPTERS, Group, model_type, stacked_weight
+from lord.surgery import Group, model_type, stacked_weight
 
-# model_type -> final norm applied after the decoder layers (before the LM head)
-FINAL_NORMS = {"llama": "model.norm", "mistral": "model.norm", "qwen2": "model.norm",
-               "gpt_bigcode": "transformer.ln_f"}
 DELTA_FLOOR = 1e-3  # fraction of the largest probe loss increase given to groups whose probe cost ~nothing
 
 
@@ -40,48 +37,15 @@ class _LayerTail:
     """Inputs of every decoder layer from one forward, to rerun the model from layer ``i`` on (``loss_from``)."""
 
     def __init__(self, model: nn.Module, ids: torch.Tensor):
-        mt = model_type(model)
-        self.model, self.ids = model, ids
-        self.layers = model.get_submodule(ADAPTERS[mt][0])
-        self.norm = model.get_submodule(FINAL_NORMS[mt])
-        self.head = model.get_output_embeddings()
-        self.inputs: list[torch.Tensor] = []
-        self.args: tuple = ()
-        self.kwargs: dict = {}
-
-        def capture(_module, args, kwargs):
-            self.inputs.append(args[0].detach())
-            self.args, self.kwargs = args[1:], kwargs
-
-        handles = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in self.layers]
-        try:  # the base model (no LM head): logits are formed one sequence at a time in _loss
-            hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-        finally:
-            for h in handles:
-                h.remove()
-        if len(self.inputs) != len(self.layers):
-            raise LordError(f"captured inputs of {len(self.inputs)} decoder layers, expected {len(self.layers)}")
-        self.dense_loss = self._loss(hidden)
+        model_type(model)  # LordError for an unsupported family
+        self.model = model
+        self.inputs = all_layer_inputs(model, ids)
+        last = len(self.inputs) - 1
+        self.dense_loss = nll_from(model, self.inputs[last], last).mean
 
     def loss_from(self, layer: int) -> float:
-        h = self.inputs[layer]
-        for mod in self.layers[layer:]:
-            out = mod(h, *self.args, **self.kwargs)
-            h = out[0] if isinstance(out, tuple) else out
-        return self._loss(self.norm(h))
-
-    def _loss(self, normed: torch.Tensor) -> float:
-        """Mean next-token cross-entropy, one sequence's logits at a time (a 150k vocab x 2k tokens is 1 GB)."""
-        total = 0.0
-        for i in range(normed.shape[0]):
-            logits = self.head(normed[i, :-1]).float()
-            total += float(F.cross_entropy(logits, self.ids[i, 1:], reduction="sum"))
-        return total / (self.ids.shape[0] * (self.ids.shape[1] - 1))
-
-
-def _layer_index(group: Group, layers_path: str) -> int:
-    rest = group.name[len(layers_path) + 1:]
-    return int(rest.split(".", 1)[0])
+        """Mean next-token loss with layers ``layer..`` as they are now, on the dense inputs of ``layer``."""
+        return nll_from(self.model, self.inputs[layer], layer).mean
 
 
 def probe_rank(group: Group, fact: Factorization, fraction: float) -> int:
@@ -102,12 +66,13 @@ def probe_sensitivities(model: nn.Module, groups: list[Group], facts: Mapping[st
         raise LordError(f"sensitivity ids have shape {tuple(ids.shape)}; expected [n_seqs, seq_len >= 2]")
     if not 0 < probe_fraction <= 1:
         raise LordError(f"probe_fraction must be in (0, 1], got {probe_fraction}")
+    if any(g.layer < 0 for g in groups):
+        raise LordError("probe groups must come from find_groups (they carry their decoder layer index)")
     missing = [g.name for g in groups if g.name not in facts]
     if missing:
         raise LordError(f"no factorization for groups {missing[:3]} ({len(missing)} missing); "
                         "factorize every group first (model_ops.factorize_groups)")
     t0 = time.perf_counter()
-    layers_path = ADAPTERS[model_type(model)][0]
     tail = _LayerTail(model, ids.to(next(model.parameters()).device))
     out: dict[str, dict[str, float]] = {}
     for g in tqdm(groups, desc="sensitivity probes", disable=not progress):
@@ -120,7 +85,7 @@ def probe_sensitivities(model: nn.Module, groups: list[Group], facts: Mapping[st
         try:
             for mod, part in zip(mods, torch.split(up @ down, list(g.out_features), dim=0), strict=True):
                 mod.weight.copy_(part.to(mod.weight.dtype))
-            loss = tail.loss_from(_layer_index(g, layers_path))
+            loss = tail.loss_from(g.layer)
         finally:
             for mod, wd in zip(mods, dense, strict=True):
                 mod.weight.copy_(wd)
@@ -178,8 +143,7 @@ def fisher_sensitivities(model: nn.Module, groups: list[Group], facts: Mapping[s
         with torch.enable_grad():
             for i in tqdm(range(0, ids.shape[0], batch_size), desc="fisher", disable=not progress):
                 x = ids[i:i + batch_size].to(device)
-                logits = model(input_ids=x, use_cache=False).logits
-                loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+                loss = token_nll(model(input_ids=x, use_cache=False).logits, x).mean()
                 loss.backward()
                 n_batches += 1
     finally:

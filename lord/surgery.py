@@ -1,9 +1,6 @@
-"""Architecture adapters: which linears of a model form a group (read the same input), and module swaps.
-
-A group is the unit LoRD factors with one shared bottleneck (Kaushal et al. 2023, Sec. 3.2): llama/qwen2/
-mistral ``q_proj,k_proj,v_proj`` and ``gate_proj,up_proj``; ``o_proj`` and ``down_proj`` alone; gpt_bigcode's
-``c_attn`` is already one fused linear, ``c_fc`` and ``c_proj`` alone. Adding an architecture is one entry in
-``ADAPTERS``.
+"""Group surgery: which linears of a model form a group (read the same input), their stacked weight, and the
+swap to LowRankLinear. Which linears group together per family lives in the architecture registry
+(``forward.arch.ARCHS``); this module checks them against the model and does the LoRD-specific work.
 """
 
 from __future__ import annotations
@@ -14,29 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from forward import ForwardError, adapter_for
 from lord.errors import LordError
 from lord.modules import install_group
-
-# per decoder layer: (group suffix, member suffixes) relative to the layer prefix
-_LLAMA_LIKE = (
-    ("self_attn.qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("self_attn.o_proj", ("self_attn.o_proj",)),
-    ("mlp.gate_up", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.down_proj", ("mlp.down_proj",)),
-)
-_BIGCODE = (
-    ("attn.c_attn", ("attn.c_attn",)),
-    ("attn.c_proj", ("attn.c_proj",)),
-    ("mlp.c_fc", ("mlp.c_fc",)),
-    ("mlp.c_proj", ("mlp.c_proj",)),
-)
-# model_type -> (attribute path of the decoder layer list, per-layer groups)
-ADAPTERS: dict[str, tuple[str, tuple]] = {
-    "llama": ("model.layers", _LLAMA_LIKE),
-    "mistral": ("model.layers", _LLAMA_LIKE),
-    "qwen2": ("model.layers", _LLAMA_LIKE),
-    "gpt_bigcode": ("transformer.h", _BIGCODE),
-}
 
 
 @dataclass(frozen=True)
@@ -47,6 +24,8 @@ class Group:
     members: tuple[str, ...]
     in_features: int
     out_features: tuple[int, ...]
+    layer: int = -1  # decoder layer index (registry groups); -1 for hand-made groups
+    kind: str = ""  # registry kind: qkv, o, gate_up, down (llama-like) / c_attn, c_proj, c_fc, mlp_c_proj
 
     @property
     def m(self) -> int:
@@ -58,36 +37,33 @@ class Group:
 
 
 def model_type(model: nn.Module) -> str:
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt not in ADAPTERS:
-        raise LordError(f"architecture {mt!r} is not supported by lord; supported: {sorted(ADAPTERS)}. "
-                        "Add an adapter to lord/surgery.py:ADAPTERS (layer list path + groups).")
-    return mt
+    """The model's family in the registry; LordError naming the supported ones otherwise."""
+    try:
+        return adapter_for(model).family
+    except ForwardError as e:
+        raise LordError(str(e)) from e
 
 
 def find_groups(model: nn.Module, targets: tuple[str, ...] = ("*",), ignore: tuple[str, ...] = ()) -> list[Group]:
     """Groups of ``model`` whose name matches any ``targets`` glob and no ``ignore`` glob, in layer order."""
-    layers_path, spec = ADAPTERS[model_type(model)]
-    layers = model.get_submodule(layers_path)
+    model_type(model)
+    adapter = adapter_for(model)
     groups = []
-    for i in range(len(layers)):
-        prefix = f"{layers_path}.{i}"
-        for gsuffix, msuffixes in spec:
-            name = f"{prefix}.{gsuffix}"
-            if not any(fnmatch.fnmatchcase(name, t) for t in targets):
-                continue
-            if any(fnmatch.fnmatchcase(name, p) for p in ignore):
-                continue
-            members = tuple(f"{prefix}.{s}" for s in msuffixes)
-            mods = [model.get_submodule(m) for m in members]
-            for mname, mod in zip(members, mods, strict=True):
-                if not isinstance(mod, nn.Linear):
-                    raise LordError(f"{mname} is a {type(mod).__name__}, expected a dense nn.Linear: "
-                                    "is this model already factored or quantized? Start from the dense model.")
-            groups.append(Group(name, members, mods[0].in_features, tuple(m.out_features for m in mods)))
+    for lg in adapter.all_groups(model):
+        if not any(fnmatch.fnmatchcase(lg.name, t) for t in targets):
+            continue
+        if any(fnmatch.fnmatchcase(lg.name, p) for p in ignore):
+            continue
+        mods = [model.get_submodule(m) for m in lg.members]
+        for mname, mod in zip(lg.members, mods, strict=True):
+            if not isinstance(mod, nn.Linear):
+                raise LordError(f"{mname} is a {type(mod).__name__}, expected a dense nn.Linear: "
+                                "is this model already factored or quantized? Start from the dense model.")
+        groups.append(Group(lg.name, lg.members, mods[0].in_features, tuple(m.out_features for m in mods),
+                            lg.layer, lg.kind))
     if not groups:
         raise LordError(f"no group matches targets={targets} ignore={ignore}; group names look like "
-                        f"'{layers_path}.0.{spec[0][0]}' (globs, e.g. '*.mlp.*').")
+                        f"'{adapter.layer_groups(0)[0].name}' (globs, e.g. '*.mlp.*').")
     return groups
 
 

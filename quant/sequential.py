@@ -1,9 +1,9 @@
 """Model plumbing for GPTQ: walk the decoder layer by layer, each fed by the already-quantized layers before
 it (GPTQ sec. 3, "sequential"), and swap every ``nn.Linear`` inside a layer for a ``QuantLinear``.
 
-Generic over architectures: the decoder is the ``ModuleList`` with ``config.num_hidden_layers`` entries; a
-layer's inputs and keyword arguments (attention mask, rotary position embeddings, ...) are captured at the
-first layer by a pre-hook, then replayed. LoRD-factored projections (``LowRankLinear`` with ``.down`` and
+The decoder layers come from the architecture registry and the walk from the forward toolkit
+(``forward.capture``: layer 0's inputs and call arguments captured once, each layer's outputs fed to the next).
+LoRD-factored projections (``LowRankLinear`` with ``.down`` and
 ``.up`` linears, docs/CONTRACTS.md) need no special case: both factors are ``nn.Linear``s, and the hook on
 ``.up`` sees the ``.down`` outputs, so its Hessian is ``A G A^T`` from the same pass (DESIGN.md). A ``down``
 shared by a group appears once in ``named_modules`` and is quantized once, then swapped under every parent.
@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import forward
+from forward import ForwardError
 from quant.config import QuantConfig
 from quant.errors import QuantError
 from quant.gptq import GPTQ
@@ -67,14 +69,10 @@ def storage_bits(qw: QuantizedWeight) -> int:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for _, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n and n:
-            return mod
-    raise QuantError(
-        f"could not find the decoder layers of {type(model).__name__} (a ModuleList of "
-        f"config.num_hidden_layers={n} blocks); pass a transformers causal LM."
-    )
+    try:
+        return forward.decoder_layers(model)
+    except ForwardError as e:
+        raise QuantError(str(e)) from e
 
 
 def target_linears(layer: nn.Module) -> dict[str, nn.Linear]:
@@ -107,11 +105,10 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor |
                     "GPTQ needs calibration data: got no calibration ids. Pass a LongTensor "
                     "[n_seqs, seq_len] (sources.corpus.calibration_batches), or use method='rtn'."
                 )
-            batches = _capture_layer0_inputs(model, layers, calib_ids, cfg.batch_size)
-            for i, layer in enumerate(tqdm(layers, desc="gptq", unit="layer")):
-                stats = _collect_hessians(layer, batches)
+            stream = forward.capture(model, calib_ids, 0, cfg.batch_size)
+            for i, layer in tqdm(forward.walk(model, stream), total=len(layers), desc="gptq", unit="layer"):
+                stats = _collect_hessians(layer, stream)
                 _quantize_layer(layer, f"{prefix}.{i}", cfg, stats, report)
-                batches = [(_layer_output(layer(h, **kw)), kw) for h, kw in batches]
         _round_unquantized_(model, torch.float16)
     report.seconds = time.perf_counter() - t0
     return report
@@ -163,7 +160,7 @@ def _factor_linears(layer: nn.Module) -> set[int]:
     return out
 
 
-def _collect_hessians(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]]) -> dict[str, GPTQ]:
+def _collect_hessians(layer: nn.Module, stream: forward.Stream) -> dict[str, GPTQ]:
     linears = target_linears(layer)
     stats = {name: GPTQ(lin.in_features) for name, lin in linears.items()}
     hooks = [
@@ -171,51 +168,11 @@ def _collect_hessians(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]]
         for name, lin in linears.items()
     ]
     try:
-        for h, kw in batches:
-            layer(h, **kw)
+        stream.run(layer)
     finally:
         for hk in hooks:
             hk.remove()
     return stats
-
-
-class _Captured(Exception):
-    pass
-
-
-def _capture_layer0_inputs(
-    model: nn.Module, layers: nn.ModuleList, calib_ids: torch.Tensor, batch_size: int
-) -> list[tuple[torch.Tensor, dict]]:
-    """Run the model up to the first decoder layer per batch; keep its hidden states and kwargs."""
-    captured: list[tuple[torch.Tensor, dict]] = []
-
-    def grab(_m, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}))
-        raise _Captured
-
-    device = next(model.parameters()).device
-    hook = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for ids in calib_ids.split(batch_size):
-            try:
-                model(input_ids=ids.to(device), use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        hook.remove()
-    n_batches = len(calib_ids.split(batch_size))
-    if len(captured) != n_batches:
-        raise QuantError(
-            f"captured the first decoder layer's inputs for {len(captured)} of {n_batches} calibration batches; "
-            f"{type(model).__name__} does not call its decoder layers in the usual way (unsupported architecture)."
-        )
-    return captured
-
-
-def _layer_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _parents_of(root: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:

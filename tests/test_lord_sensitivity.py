@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import lord
+from forward import decoder_layers
 from lord import LordError
 from lord.ranks import max_factored_rank
 from lord.sensitivity import _LayerTail, fisher_sensitivities, probe_sensitivities, weights_of
@@ -48,7 +49,7 @@ def test_layer_tail_reproduces_the_full_forward_loss(tiny_any, calib_ids):
     with torch.no_grad():
         assert tail.dense_loss == pytest.approx(float(tiny_any(input_ids=calib_ids[:4], labels=calib_ids[:4]).loss),
                                                 rel=1e-5)
-    layers = tiny_any.get_submodule(lord.surgery.ADAPTERS[tiny_any.config.model_type][0])
+    layers = decoder_layers(tiny_any)
     with torch.no_grad():
         for p in layers[-1].parameters():
             p.mul_(1.5)
