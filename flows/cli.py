@@ -4,6 +4,7 @@
     lord serve [--stop]
     lord compare [--experiment NAME] [--last N]
     lord calibrate|decompose|quantize|finetune|eval --model M --out DIR [stage flags | --set FIELD=VALUE]
+    lord vocab --model M --keep N|--coverage F [--corpus DIR] --out DIR
 
 Prefect and MLflow are imported only by the subcommands that need them, so ``lord --help`` is instant.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.errors import FlowError
-from flows.presets import PRESETS, STAGES, SUPPORTED_BITS
+from flows.presets import OPTIONAL_STAGES, PRESETS, STAGES, SUPPORTED_BITS
 from sources.compute import DTYPE_CHOICES
 
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # library errors (LordError, QuantError, ...) carry their own fix
         if type(e).__name__.endswith("Error") and type(e).__module__.split(".")[0] in (
-                "lord", "quant", "finetune", "evaluation", "sources", "artifacts"):
+                "lord", "quant", "finetune", "evaluation", "sources", "artifacts", "vocab"):
             print(f"lord: error: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
         raise
@@ -59,7 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--reduction", type=_fraction, help="target parameter reduction of decompose, in (0, 1)")
     r.add_argument("--bits", type=int, nargs="+", choices=SUPPORTED_BITS, help="GPTQ widths, e.g. --bits 8 4")
     for stage in STAGES:
-        r.add_argument(f"--no-{stage}", dest=stage, action="store_false", help=f"skip the {stage} stage")
+        if stage in OPTIONAL_STAGES:
+            r.add_argument(f"--{stage}", action="store_true", help=f"run the optional {stage} stage")
+        else:
+            r.add_argument(f"--no-{stage}", dest=stage, action="store_false", help=f"skip the {stage} stage")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                    help="override one stage config field, e.g. --set evaluate.humaneval_problems=5")
     r.add_argument("--dtype", choices=DTYPE_CHOICES, default=argparse.SUPPRESS,
@@ -123,7 +127,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from flows.summary import format_table
 
     result = lord_pipeline(
-        preset=args.preset, model=args.model, reduction=args.reduction, bits=args.bits,
+        preset=args.preset, model=args.model, reduction=args.reduction, bits=args.bits, vocab=args.vocab,
         calibrate=args.calibrate, decompose=args.decompose, quantize=args.quantize, finetune=args.finetune,
         evaluate=args.evaluate, overrides=parse_overrides(args.overrides) or None, runs_dir=args.runs_dir,
         experiment=args.experiment,
@@ -190,6 +194,15 @@ def _library_commands(sub: argparse._SubParsersAction) -> None:
                    help="any QuantConfig field, e.g. --set group_size=64 --set outlier_threshold=0.2")
     q.set_defaults(func=_cmd_quantize)
 
+    v = sub.add_parser("vocab", help="trim a byte-level BPE model's vocabulary to the tokens code uses")
+    v.add_argument("--model", required=True, help="embedded name, HF dir or dense artifact dir")
+    v.add_argument("--out", type=Path, required=True)
+    size = v.add_mutually_exclusive_group(required=True)
+    size.add_argument("--keep", type=_positive, help="vocabulary size after trimming (bytes/special tokens included)")
+    size.add_argument("--coverage", type=float, help="keep the most used tokens covering this fraction, e.g. 0.999")
+    v.add_argument("--corpus", help="directory of .py files to count token use on (default: calibration split)")
+    v.set_defaults(func=_cmd_vocab)
+
     f = sub.add_parser("finetune", help="QLoRA-finetune a model (or a quantized/LoRD dir) into an adapter dir")
     f.add_argument("--model", required=True)
     f.add_argument("--out", type=Path, required=True)
@@ -233,6 +246,12 @@ def _cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
               **{k: v for k, v in flags.items() if v is not None},
               **parse_overrides(args.overrides, "quantize").get("quantize", {})}
     return quantize_to_dir(args.model, build_config("quantize", kwargs), args.out)
+
+
+def _cmd_vocab(args: argparse.Namespace) -> dict[str, Any]:
+    from vocab import VocabConfig, trim_to_dir
+
+    return trim_to_dir(args.model, VocabConfig(keep=args.keep, coverage=args.coverage, corpus=args.corpus), args.out)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:

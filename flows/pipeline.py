@@ -36,6 +36,7 @@ def lord_pipeline(
     model: str | None = None,
     reduction: float | None = None,
     bits: list[int] | None = None,
+    vocab: bool = False,
     calibrate: bool = True,
     decompose: bool = True,
     quantize: bool = True,
@@ -47,7 +48,7 @@ def lord_pipeline(
 ) -> dict[str, Any]:
     """Run the pipeline; returns the MLflow parent run id, per-stage records and the summary rows."""
     spec = resolve_spec(preset, model, reduction, bits,
-                        {"calibrate": calibrate, "decompose": decompose, "quantize": quantize,
+                        {"vocab": vocab, "calibrate": calibrate, "decompose": decompose, "quantize": quantize,
                          "finetune": finetune, "evaluate": evaluate}, overrides)
     cfgs = _stage_configs(spec)  # every config validated before any compute
     tracker = Tracker(experiment)  # unreachable tracking server -> FlowError, before any compute
@@ -102,11 +103,15 @@ class _Runner:
 
         current, name = spec.model, "dense"
         self._evaluate(name, current, {})
+        if "vocab" in spec.enabled:  # trimmed vocabulary: LoRD then calibrates and factors the trimmed model
+            trimmed = self._stage("vocab", "vocab", {"model": spec.model})
+            current, name = trimmed["dir"], "vocab"
+            self._evaluate(name, current, self.cfgs["vocab"])
         if "decompose" in spec.enabled:
-            stats = self._stage("calibrate", "calibrate", {"model": spec.model})
-            lord = self._stage("decompose", "decompose", {"model": spec.model,
+            stats = self._stage("calibrate", "calibrate", {"model": current})
+            lord = self._stage("decompose", "decompose", {"model": current,
                                                           "stats": str(Path(stats["dir"]) / STATS_FILE)})
-            current, name = lord["dir"], "lord"
+            current, name = lord["dir"], _join(name, "lord")
             self._evaluate(name, current, self.cfgs["decompose"])
         if "quantize" in spec.enabled:
             base, base_name = current, name

@@ -13,7 +13,10 @@ from typing import Any
 
 from flows.errors import FlowError
 
-STAGES = ("calibrate", "decompose", "quantize", "finetune", "evaluate")
+STAGES = ("vocab", "calibrate", "decompose", "quantize", "finetune", "evaluate")
+# Off unless asked (lord run --vocab): vocabulary trimming before calibration (vocab/), with these defaults
+# when the preset says nothing (bench/results/vocab.json).
+OPTIONAL_STAGES: dict[str, dict[str, Any]] = {"vocab": {"keep": 32768}}
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 # Sizes: smoke finishes in a few minutes on smollm2-135m; default finishes `make run` in <= 20 min on 2 cores
@@ -110,7 +113,7 @@ def resolve_spec(
     if preset not in PRESETS:
         raise FlowError(f"preset={preset!r} is unknown; expected one of {sorted(PRESETS)}.")
     base = copy.deepcopy(PRESETS[preset])
-    kwargs = {s: dict(base[s]) for s in STAGES}
+    kwargs = {s: dict(base.get(s, OPTIONAL_STAGES.get(s, {}))) for s in STAGES}
     if reduction is not None:
         if not isinstance(reduction, (int, float)) or not 0.0 < float(reduction) < 1.0:
             raise FlowError(f"reduction={reduction!r}: expected a fraction of parameters to remove in (0, 1), "
@@ -122,7 +125,7 @@ def resolve_spec(
         if not isinstance(kv, dict):
             raise FlowError(f"overrides[{stage!r}]={kv!r}: expected a mapping field -> value.")
         kwargs[stage].update(kv)
-    flags = {s: True for s in STAGES}
+    flags = {s: s not in OPTIONAL_STAGES for s in STAGES}
     for stage, on in (stages or {}).items():
         if stage not in STAGES:
             raise FlowError(f"stage switch {stage!r} is unknown; expected one of {list(STAGES)}.")

@@ -33,6 +33,7 @@ class StageSpec:
 
 
 REGISTRY: dict[str, StageSpec] = {
+    "vocab": StageSpec("vocab:trim_to_dir", "vocab:VocabConfig"),
     "calibrate": StageSpec("lord:collect_stats_to_file", "lord:CalibConfig"),
     "decompose": StageSpec("lord:decompose_to_dir", "lord:DecomposeConfig"),
     "quantize": StageSpec("quant:quantize_to_dir", "quant:QuantConfig"),
@@ -41,6 +42,7 @@ REGISTRY: dict[str, StageSpec] = {
 }
 # Packages whose code shapes each stage's artifact (evaluation loads every artifact kind, so all loaders).
 STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "vocab": ("vocab", "sources", "artifacts"),
     "calibrate": ("lord", "sources", "artifacts"),
     "decompose": ("lord", "sources", "artifacts"),
     "quantize": ("quant", "lord", "sources", "artifacts"),

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 # The config fields worth a column: the ones that change between variants and explain their numbers.
-KEY_PARAMS = ("reduction", "rank_reduction", "method", "plan", "bits", "group_size", "outlier_threshold",
+KEY_PARAMS = ("keep", "coverage", "reduction", "rank_reduction", "method", "plan", "bits", "group_size", "outlier_threshold",
               "steps", "lora_r", "lr")
 # Metric names as the evaluation stage writes them, first match wins.
 METRIC_ALIASES = {
