@@ -4,13 +4,16 @@ Dense models: ``model.safetensors`` holds ``<module>.qweight/qzeros/scales/g_idx
 linear and float16 tensors for the rest; ``quantize_config.json`` and ``config.json["quantization_config"]``
 describe it as AutoGPTQ / GPTQModel / transformers+optimum expect (``checkpoint_format: gptq``). Factored
 (LoRD) models carry the same tensors per factor (``q_proj.down.qweight``, ...) plus the ``lord`` rank map in
-config.json; only our loader rebuilds those. ``quant_layout.json`` lists every quantized module so our
-loader restores any of them, outliers included, without guessing from tensor names.
+config.json; only our loader rebuilds those. Factors at another width than ``bits`` (``down_bits``) are
+listed in ``quantization_config["dynamic"]`` the way GPTQModel records per-module overrides.
+``quant_layout.json`` lists every quantized module so our loader restores any of them, outliers included,
+without guessing from tensor names.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +68,9 @@ def save_quantized(model: nn.Module, tokenizer: Any, out_dir: Path, cfg: QuantCo
     save_file(tensors, weights, metadata={"format": "pt"})
 
     qcfg = gptq_quantize_config(cfg)
+    mixed = {n: m.bits for n, m in modules.items() if m.bits != cfg.bits}
+    if mixed:  # GPTQModel / vLLM per-module overrides ("+:" regex -> fields); our loader reads quant_layout.json
+        qcfg["dynamic"] = {f"+:^{re.escape(n)}$": {"bits": b} for n, b in sorted(mixed.items())}
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config.pop("auto_map", None)  # a LoRD dir's remote code is not copied: our loader rebuilds the factors

@@ -21,6 +21,11 @@ class QuantConfig:
     ``outlier_threshold`` enables SpQR-style float outliers (Dettmers et al. 2023, sec. 4.1): a weight stays
     in float when its quantization error scaled by the inverse-Hessian diagonal exceeds ``threshold`` times
     the layer's mean scaled variance. ``n_seqs`` x ``seq_len`` calibration tokens are drawn with ``seed``.
+
+    LoRD factor pairs (quant/factors.py, measured in bench/quant_factors.py): ``factor_upfit`` quantizes
+    each group's ``down`` first and refits + GPTQs every ``up`` against the quantized bottleneck;
+    ``factor_balance`` rescales rank directions before quantizing; ``down_bits`` / ``up_bits`` give the
+    factors their own width (None: ``bits``). Dense linears ignore all four.
     """
 
     bits: int = 4
@@ -35,10 +40,21 @@ class QuantConfig:
     seq_len: int = 512
     seed: int = 0
     batch_size: int = 8
+    factor_upfit: bool = False
+    factor_balance: bool = False
+    down_bits: int | None = None
+    up_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise QuantError(f"bits={self.bits!r}; expected one of {SUPPORTED_BITS}. Use 4 or 8 for GPTQ checkpoints.")
+        for name in ("down_bits", "up_bits"):
+            v = getattr(self, name)
+            if v is not None and v not in SUPPORTED_BITS:
+                raise QuantError(f"{name}={v!r}; expected None (same as bits) or one of {SUPPORTED_BITS}.")
+        if self.factor_upfit and self.method != "gptq":
+            raise QuantError("factor_upfit=True needs method='gptq' (the refit uses the down's input Hessian); "
+                             "drop factor_upfit or use method='gptq'.")
         if self.group_size != -1 and self.group_size < 1:
             raise QuantError(
                 f"group_size={self.group_size}; expected -1 (per output channel) or a positive divisor of the "

@@ -23,6 +23,7 @@ import forward
 from forward import ForwardError
 from quant.config import QuantConfig
 from quant.errors import QuantError
+from quant.factors import FactorPlan, balance_factors_
 from quant.gptq import GPTQ
 from quant.qlinear import QuantLinear
 from quant.result import QuantizedWeight, check_group_size
@@ -96,6 +97,9 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor |
     report = QuantReport()
     t0 = time.perf_counter()
     with torch.no_grad():
+        if cfg.factor_balance:  # exact in float: before the capture, so every Hessian sees balanced factors
+            for layer in layers:
+                balance_factors_(layer)
         if cfg.method == "rtn":
             for i, layer in enumerate(tqdm(layers, desc="rtn", unit="layer")):
                 _quantize_layer(layer, f"{prefix}.{i}", cfg, None, report)
@@ -127,17 +131,21 @@ def _quantize_layer(
 ) -> None:
     parents = _parents_of(layer)
     factors = _factor_linears(layer)
+    plan = FactorPlan(layer, cfg)  # LoRD factors: per-kind bits, up refit on the quantized down
     for sub, lin in target_linears(layer).items():
         full = f"{name}.{sub}"
         partial = id(lin) in factors
+        bits = plan.bits(sub)
+        weight = plan.weight_for(sub, lin, stats)
         if stats is None:
-            qw = rtn_quantize(lin.weight, cfg.bits, cfg.group_size, cfg.sym, name=full, allow_partial=partial)
+            qw = rtn_quantize(weight, bits, cfg.group_size, cfg.sym, name=full, allow_partial=partial)
         else:
             qw = stats[sub].quantize(
-                lin.weight, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp_percent,
+                weight, bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp_percent,
                 cfg.block_size, cfg.outlier_threshold, name=full, allow_partial=partial,
             )
             del stats[sub]
+            plan.after(sub, qw)
         qlin = QuantLinear.from_quantized(qw, lin.bias).to(lin.weight.device)
         for parent, attr in parents[id(lin)]:
             setattr(parent, attr, qlin)
