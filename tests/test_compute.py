@@ -9,8 +9,7 @@ import warnings
 import pytest
 import torch
 
-from sources import SourceError
-from sources import compute
+from sources import SourceError, compute
 from sources.compute import DTYPE_ENV, NO_BF16_ENV, autocast, compute_dtype, describe, wide
 
 
