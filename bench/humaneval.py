@@ -1,19 +1,24 @@
-"""HumanEval on the default code model: greedy pass@1, batched vs unbatched tokens/s, sandbox throughput.
+"""HumanEval on the default code model: greedy pass@1, batched vs unbatched tokens/s against the memory
+bandwidth bound, sandbox throughput.
 
-Run under the machine-wide lock:  flock /tmp/heavy.lock .venv/bin/python bench/humaneval.py [--limit 40]
+Run under the machine-wide lock:  OMP_NUM_THREADS=2 flock /tmp/lord-heavy.lock .venv/bin/python bench/humaneval.py
 
-One run measures, on the same model load:
+One run measures, on the same model load (compute dtype from sources/compute.py, ``--dtype``):
+0. the machine: memory read bandwidth (a reduction over 1 GiB, 2 threads) and float32/bf16 GEMM rates; the
+   batch-1 decode bound is bandwidth / bytes of weights read per token (every linear + the head);
 1. the first ``--compare`` problems generated as one batch and one by one (same greedy config): tokens/s of
    each, their ratio, and whether the completions are identical (left padding must not change greedy text);
 2. the rest of the first ``--limit`` problems in batches of ``--batch-size`` (resumable work file);
 3. every completion executed in the sandbox -> pass@1 (greedy, unbiased estimator with n=1);
 4. sandbox throughput: the 164 canonical solutions with 1 and with ``--workers`` workers (executions/s).
+Tokens/s count generated tokens over wall time including each batch's prompt prefill.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import sys
 import time
@@ -23,22 +28,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import write_results  # noqa: E402
+from bench.common import median_seconds, write_results  # noqa: E402
 from evaluation.generate import GenerationConfig, generate_completions  # noqa: E402
 from evaluation.humaneval import execute_completions, score  # noqa: E402
 from evaluation.sandbox import Sandbox, SandboxConfig  # noqa: E402
 from sources import load_model  # noqa: E402
+from sources.compute import DTYPE_CHOICES, compute_dtype, describe, dtype_name  # noqa: E402
 from sources.humaneval import load_humaneval  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
-    ap.add_argument("--limit", type=int, default=40, help="first N of the 164 problems")
-    ap.add_argument("--budget-minutes", type=float, default=25.0,
+    ap.add_argument("--limit", type=int, default=164, help="first N of the 164 problems")
+    ap.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="compute dtype (sources/compute.py)")
+    ap.add_argument("--budget-minutes", type=float, default=11.0,
                     help="stop starting new batches after this much generation time; the subset is reported")
-    ap.add_argument("--compare", type=int, default=6, help="problems generated both batched and unbatched")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--compare", type=int, default=8, help="problems generated both batched and unbatched")
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=384)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/lord-bench-humaneval"))
@@ -56,7 +63,12 @@ def main() -> None:
     prompts = {p.task_id: p.prompt for p in problems}
     head = dict(list(prompts.items())[: args.compare])
     rest = dict(list(prompts.items())[args.compare :])
-    model, tok = load_model(args.model)
+    machine = measure_machine()
+    print(f"machine: {machine}", flush=True)
+    dtype = compute_dtype("cpu", args.dtype)
+    model, tok = load_model(args.model, dtype=dtype)
+    bytes_per_token = decode_bytes_per_token(model)
+    bound_b1 = machine["read_gb_per_s"] * 1e9 / bytes_per_token
 
     batched_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.compare)
     single_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=1)
@@ -70,7 +82,8 @@ def main() -> None:
     single_tokens = sum(r["n_new_tokens"] for r in single)
     same = sum(a["completion"] == b["completion"] for a, b in zip(batched, single, strict=True))
     print(f"batch of {len(head)}: {batched_tokens / batched_s:.1f} tok/s; one by one: "
-          f"{single_tokens / single_s:.1f} tok/s; identical completions {same}/{len(head)}")
+          f"{single_tokens / single_s:.1f} tok/s; identical completions {same}/{len(head)}; "
+          f"batch-1 bandwidth bound {bound_b1:.1f} tok/s", flush=True)
 
     args.work.mkdir(parents=True, exist_ok=True)
     rest_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
@@ -85,6 +98,7 @@ def main() -> None:
                                          args.work / f"rest-{args.max_new_tokens}.jsonl", progress=False)
         rest_s += time.perf_counter() - t0
         print(f"{len(head) + len(rest_out)} problems generated, {batched_s + single_s + rest_s:.0f} s", flush=True)
+    rest_tokens = sum(r["n_new_tokens"] for r in rest_out)
     completions = batched + rest_out
     problems = problems[: len(completions)]
 
@@ -108,22 +122,35 @@ def main() -> None:
          "problems": f"HumanEval/0..HumanEval/{len(problems) - 1} (first {len(problems)} of 164)",
          "pass_at_1": means["pass_at_1"], "n_passed": statuses["passed"], "status_counts": statuses,
          "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+         "compute_dtype": dtype_name(dtype),
          "generation_seconds": batched_s + rest_s, "execution_seconds": exec_s,
-         "n_new_tokens": sum(r["n_new_tokens"] for r in completions)},
+         "n_new_tokens": sum(r["n_new_tokens"] for r in completions),
+         "tokens_per_second": (batched_tokens + rest_tokens) / (batched_s + rest_s),
+         "rest_batch_tokens_per_second": rest_tokens / rest_s if rest_s else None,
+         "prompt_tokens": sum(len(tok(p.rstrip())["input_ids"]) for p in prompts.values()),
+         "finish_counts": {f: sum(r["finish"] == f for r in completions) for f in ("stop", "eos", "length")}},
         {"model": args.model, "variant": "batched-vs-unbatched", "n_problems": len(head),
          "batch_size": len(head), "batched_tokens_per_second": batched_tokens / batched_s,
          "unbatched_tokens_per_second": single_tokens / single_s,
          "tokens_per_second_ratio": (batched_tokens / batched_s) / (single_tokens / single_s),
          "ratio_of": "batched / unbatched tokens per second, same problems, same run",
          "batched_seconds": batched_s, "unbatched_seconds": single_s,
-         "identical_greedy_completions": same},
+         "identical_greedy_completions": same, "compute_dtype": dtype_name(dtype),
+         "read_gb_per_s": machine["read_gb_per_s"], "weight_bytes_read_per_token": bytes_per_token,
+         "batch1_bandwidth_bound_tokens_per_second": bound_b1,
+         "unbatched_fraction_of_bandwidth_bound": (single_tokens / single_s) / bound_b1,
+         "batched_fraction_of_bandwidth_bound": (batched_tokens / batched_s) / (bound_b1 * len(head)),
+         "compute_bound_tokens_per_second": machine[f"gemm_gflop_per_s_{dtype_name(dtype)}"] * 1e9
+         / (2 * bytes_per_token / model.dtype.itemsize)},
         *({"model": "canonical-solutions", "variant": f"sandbox-{w}-workers", "n_problems": len(canon),
            "workers": w, "executions_per_second": eps, "n_passed": ok} for w, (eps, ok) in throughput.items()),
     ]
     protocol = {
         "decoding": "greedy, no chat template, prompt right-stripped, left padding, KV cache",
         "stop_sequences": list(rest_cfg.stop_sequences), "max_new_tokens": args.max_new_tokens,
-        "subset": f"first {len(problems)} of 164 problems", "threads": threads,
+        "subset": f"first {len(problems)} of 164 problems", "threads": threads, "machine": machine,
+        "compute_policy": describe("cpu", args.dtype),
+        "decoder": "evaluation.generate: own KV-cache loop, prompts sorted by length, finished rows dropped",
         "sandbox": box.describe(),
         "note": "weights are the dequantized GGUF (Q5_0/Q6_K/Q8_0 of Qwen's AWQ release): see shared/DATA.md",
     }
@@ -132,6 +159,28 @@ def main() -> None:
                                for pp, r in zip(per_problem, results, strict=True)])
     print(f"pass@1 {means['pass_at_1']:.3f} on {len(problems)} problems; "
           + "; ".join(f"sandbox {w} workers: {eps:.1f} exec/s" for w, (eps, _) in throughput.items()))
+
+
+def measure_machine(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
+    """Memory read bandwidth (sum over ``gib`` GiB of float32, median of ``repeats``) and GEMM rates."""
+    big = torch.ones(int(gib * 2**30 / 4))
+    out = {"read_gb_per_s": gib * 2**30 / median_seconds(big.sum, repeats=repeats) / 1e9}
+    del big
+    for dt in (torch.float32, torch.bfloat16):  # a decode-sized GEMM: 16 rows x the 0.5B's MLP up-projection
+        a, b = torch.randn(16, 896, dtype=dt), torch.randn(896, 4864, dtype=dt)
+        seconds = median_seconds(functools.partial(torch.matmul, a, b))
+        out[f"gemm_gflop_per_s_{dtype_name(dt)}"] = 2 * 16 * 896 * 4864 / seconds / 1e9
+    return out
+
+
+def decode_bytes_per_token(model: torch.nn.Module) -> int:
+    """Weight bytes one decode step reads: every parameter, except an untied input embedding (only a row of
+    it is gathered per token); a tied embedding is read whole by the head."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight is not emb.weight:
+        total -= emb.weight.numel() * emb.weight.element_size()
+    return total
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 Base-model completion as in Codex (Chen et al. 2021, sec. 2.3) and bigcode-evaluation-harness: no chat
 template, the prompt is the function signature + docstring, generation stops at a top-level
-``def/class/if/print/#`` line. Prompts are left-padded so every row's last prompt token sits at the same
-position and the KV cache serves the whole batch; rows are grouped by prompt length to waste little padding.
+``def/class/if/print/#`` line. Our own decode loop over the model's KV cache (not ``generate``): prompts are
+sorted by length and left-padded so one cache serves the whole batch, and a row that finishes leaves the
+batch at once (``generate`` keeps computing finished rows until the longest one stops). The checkpoint's own
+generation config (Qwen's: sampling, repetition penalty) never leaks into a benchmark decode.
 Each finished batch is appended to a JSONL file (flushed, fsynced), so a killed run resumes where it stopped.
 """
 
@@ -18,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from .errors import EvalError
 
@@ -72,26 +74,6 @@ def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
-class StopOnSequences(transformers.StoppingCriteria):
-    """Per-row stop: a row is done once its generated text contains a stop sequence (HF pads it after)."""
-
-    def __init__(self, tokenizer: Any, prompt_len: int, stops: Sequence[str], tail_tokens: int = 12) -> None:
-        self.tok, self.prompt_len, self.stops, self.tail = tokenizer, prompt_len, tuple(stops), tail_tokens
-        self.done: torch.Tensor | None = None
-        self.n_generated: dict[int, int] = {}  # row -> tokens generated when its stop sequence appeared
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        if self.done is None:
-            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        # a stop is a few characters, so decoding the last few generated tokens is enough to see it appear
-        tails = self.tok.batch_decode(input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.tail):])
-        for i, text in enumerate(tails):
-            if not self.done[i] and any(s in text for s in self.stops):
-                self.done[i] = True
-                self.n_generated[i] = input_ids.shape[1] - self.prompt_len
-        return self.done.clone()
-
-
 def generate_completions(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -129,6 +111,14 @@ def generate_completions(
 @torch.inference_mode()
 def _generate_batch(model: torch.nn.Module, tok: Any, texts: list[str], cfg: GenerationConfig,
                     seed: int) -> list[dict[str, Any]]:
+    """Decode one left-padded batch with a KV cache; a row leaves the batch the step it finishes.
+
+    Each step feeds one token per *unfinished* row: finished rows are dropped from the inputs and the cache
+    (``DynamicCache.batch_select_indices``), so a batch gets cheaper as it empties instead of padding on to
+    the longest row. Positions come from the attention mask (as ``generate`` does), so left padding changes
+    no row's greedy text. A row stops at EOS, at a stop sequence (checked on its last few tokens only: no
+    quadratic re-decoding), or at ``max_new_tokens``.
+    """
     side = tok.padding_side
     tok.padding_side = "left"
     try:
@@ -136,33 +126,76 @@ def _generate_batch(model: torch.nn.Module, tok: Any, texts: list[str], cfg: Gen
     finally:
         tok.padding_side = side
     device = next(model.parameters()).device
-    input_ids, attention = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    prompt_len = input_ids.shape[1]
-    eos = _eos_ids(model, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    # A fresh GenerationConfig: the checkpoint's own (Qwen's instruct: sampling, repetition penalty 1.05)
-    # must not leak into a benchmark decode.
-    gen = transformers.GenerationConfig(
-        max_new_tokens=cfg.max_new_tokens, do_sample=not cfg.greedy, use_cache=True, num_beams=1,
-        temperature=cfg.temperature if not cfg.greedy else None, top_p=cfg.top_p if not cfg.greedy else None,
-        top_k=None, repetition_penalty=1.0, eos_token_id=eos, pad_token_id=pad,
-    )
-    stop = StopOnSequences(tok, prompt_len, cfg.stop_sequences)
-    torch.manual_seed(seed)
+    ids, attention = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    eos = set(_eos_ids(model, tok))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     t0 = time.perf_counter()
-    out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=gen,
-                         stopping_criteria=transformers.StoppingCriteriaList([stop]))
+    cache = DynamicCache(config=model.config)
+    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    logits = _forward(model, ids, attention, positions, cache, last_only=True)
+    next_pos = positions[:, -1] + 1
+    rows = list(range(len(texts)))  # original row index of each live batch row
+    tokens: list[list[int]] = [[] for _ in texts]
+    finish: dict[int, str] = {}
+    for step in range(cfg.max_new_tokens):
+        chosen = _pick(logits, cfg, gen).tolist()
+        keep = []
+        for b, (row, t) in enumerate(zip(rows, chosen, strict=True)):
+            tokens[row].append(t)
+            if t in eos:
+                finish[row] = "eos"
+            elif any(stop in tok.decode(tokens[row][-_STOP_TAIL_TOKENS:]) for stop in cfg.stop_sequences):
+                finish[row] = "stop"
+            elif step + 1 == cfg.max_new_tokens:
+                finish[row] = "length"
+            else:
+                keep.append(b)
+        if not keep:
+            break
+        step_ids = torch.tensor([chosen[b] for b in keep], device=device).unsqueeze(1)
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            attention, next_pos = attention[index], next_pos[index]
+            rows = [rows[b] for b in keep]
+        attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
+        logits = _forward(model, step_ids, attention, next_pos.unsqueeze(1), cache)
+        next_pos = next_pos + 1
     seconds = time.perf_counter() - t0
     results = []
-    for i, row in enumerate(out[:, prompt_len:].tolist()):
-        n_new, finish = (stop.n_generated[i], "stop") if i in stop.n_generated else _row_length(row, eos)
-        text = tok.decode(row[:n_new], skip_special_tokens=True)
+    for row in range(len(texts)):
+        text = tok.decode(tokens[row], skip_special_tokens=True)
         completion = truncate_at_stop(text, cfg.stop_sequences)
-        if completion != text:
-            finish = "stop"
-        results.append({"completion": completion, "n_new_tokens": n_new, "finish": finish,
+        results.append({"completion": completion, "n_new_tokens": len(tokens[row]),
+                        "finish": "stop" if completion != text else finish.get(row, "length"),
                         "seconds": seconds / len(texts)})
     return results
+
+
+# a stop sequence is a few characters, so the last few tokens of a row are enough to see it appear
+_STOP_TAIL_TOKENS = 12
+
+
+def _forward(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+             cache: DynamicCache, last_only: bool = False) -> torch.Tensor:
+    """Next-token logits (float32) of the last position of every row; the head runs on that position only."""
+    kwargs = {"logits_to_keep": 1} if last_only else {}
+    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache,
+                use_cache=True, **kwargs)
+    return out.logits[:, -1].float()
+
+
+def _pick(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator) -> torch.Tensor:
+    """Greedy argmax, or nucleus sampling (Holtzman et al. 2020) at ``cfg.temperature`` / ``cfg.top_p``."""
+    if cfg.greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > cfg.top_p  # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
 
 
 def _row_length(row: list[int], eos: list[int]) -> tuple[int, str]:

@@ -195,3 +195,42 @@ def test_cli_needs_the_opt_in_flag(tmp_path, capsys) -> None:
     assert main([*base, "--allow-code-execution"]) == 0
     assert json.loads(capsys.readouterr().out)["n_problems"] == 2
     assert len(read_jsonl(tmp_path / "he" / "results.jsonl")) == 2
+
+
+# ---- the decode loop: same text as HF generate, batching and row dropping change nothing (fp32) ------------
+
+
+def _hf_greedy(model, tok, text: str, max_new_tokens: int) -> str:
+    import transformers
+
+    enc = tok([text], return_tensors="pt")
+    gen = transformers.GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                        repetition_penalty=1.0)
+    out = model.generate(**enc, generation_config=gen)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_greedy_decode_matches_transformers_generate(tiny) -> None:
+    model, tok = tiny
+    prompts = {p.task_id: p.prompt for p in load_humaneval(limit=3)}
+    never = ("\x00\x01never",)
+    ours = generate_completions(model, tok, prompts, GenerationConfig(max_new_tokens=16, batch_size=1,
+                                                                      stop_sequences=never), progress=False)
+    for r in ours:
+        assert r["completion"] == _hf_greedy(model, tok, prompts[r["task_id"]].rstrip(), 16)
+
+
+@pytest.mark.parametrize("stops", [("\x00\x01never",), ("e", "(")])  # ("e", "("): rows stop at different steps
+def test_batched_greedy_equals_unbatched_tiny(tiny, stops) -> None:
+    model, tok = tiny
+    prompts = {p.task_id: p.prompt for p in load_humaneval(limit=7)}  # prompt lengths differ: left padding
+    cfg = GenerationConfig(max_new_tokens=20, batch_size=7, stop_sequences=stops)
+    batched = generate_completions(model, tok, prompts, cfg, progress=False)
+    single = generate_completions(model, tok, prompts, GenerationConfig(**{**cfg.to_dict(), "batch_size": 1}),
+                                  progress=False)
+    assert [r["completion"] for r in batched] == [r["completion"] for r in single]
+    assert [r["n_new_tokens"] for r in batched] == [r["n_new_tokens"] for r in single]
+    if stops[0] == "e":
+        lengths = {r["n_new_tokens"] for r in batched}
+        assert len(lengths) > 1 and any(r["finish"] == "stop" for r in batched)  # rows really left early
