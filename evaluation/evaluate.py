@@ -34,6 +34,7 @@ class EvalConfig:
     humaneval_max_new_tokens: int = 384
     humaneval_batch_size: int = 8
     humaneval_workers: int = 2  # parallel sandboxed executions
+    humaneval_cache: bool = True  # a dense model's result is reused across runs (evaluation.humaneval)
     humaneval_timeout_seconds: float = 10.0  # wall clock per completion
     allow_execution: bool = False  # generated code runs only when the caller opts in
     device: str = "cpu"
@@ -97,7 +98,7 @@ def evaluate_to_dir(model: str, cfg: EvalConfig, out_dir: Path) -> dict[str, Any
                                      allow_execution=cfg.allow_execution, dtype=cfg.dtype)
             # beside out_dir, not inside the temp dir: its partial completions survive a crash and resume
             he_dir = out_dir.with_name(f"{out_dir.name}.humaneval")
-            metrics.update(humaneval_to_dir(model, he_cfg, he_dir, loaded=(net, tok)))
+            metrics.update(humaneval_to_dir(model, he_cfg, he_dir, loaded=(net, tok), cache=cfg.humaneval_cache))
             shutil.copytree(he_dir, tmp / "humaneval")
             shutil.rmtree(he_dir, ignore_errors=True)
         del net

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from artifacts import atomic_dir, sha256_json, write_json_atomic
+from artifacts import atomic_dir, sha256_file, sha256_json, write_json_atomic
 from sources import SourceError
-from sources.compute import check_dtype_name, compute_dtype
+from sources.compute import check_dtype_name, compute_dtype, dtype_name
 from sources.humaneval import HumanEvalProblem, load_humaneval
 
 from .errors import EvalError
@@ -131,16 +131,24 @@ def run_humaneval(model: torch.nn.Module, tokenizer: Any, cfg: HumanEvalConfig, 
 
 
 def humaneval_to_dir(model: str, cfg: HumanEvalConfig, out_dir: Path, progress: bool = True,
-                     loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
+                     loaded: tuple[Any, Any] | None = None, cache: bool = False) -> dict[str, Any]:
     """Stage entry point: ``model`` is anything ``sources.load_model`` accepts; returns the metrics dict.
 
     ``loaded``: ``(model, tokenizer)`` already loaded from ``model`` by the caller (the evaluation stage
-    measures perplexity first), so the weights are not loaded twice.
+    measures perplexity first), so the weights are not loaded twice. ``cache``: reuse (and store) the result
+    of a plain model dir (the dense baseline) in the user cache, keyed on its content (``result_cache_dir``).
     """
     from sources import load_model
 
     Sandbox(cfg.sandbox, allow_execution=cfg.allow_execution)  # fail fast: before loading or writing anything
     out_dir = Path(out_dir)
+    cached = result_cache_dir(model, cfg) if cache else None
+    if cached is not None and (cached / "metrics.json").is_file():
+        with atomic_dir(out_dir) as tmp:
+            for f in cached.iterdir():
+                if f.is_file() and f.name != "MANIFEST.json":
+                    shutil.copy2(f, tmp / f.name)
+        return {**json.loads((cached / "metrics.json").read_text()), "humaneval_cache_hit": True}
     work = out_dir.with_name(f".{out_dir.name}.partial")
     key = resume_key(model, cfg)
     if (work / "key.json").exists() and json.loads((work / "key.json").read_text()) != key:
@@ -157,7 +165,40 @@ def humaneval_to_dir(model: str, cfg: HumanEvalConfig, out_dir: Path, progress: 
         write_json_atomic(tmp / "config.json", cfg.to_dict())
         write_json_atomic(tmp / "metrics.json", metrics)
     shutil.rmtree(work, ignore_errors=True)
+    if cached is not None:
+        with atomic_dir(cached) as tmp:
+            for f in out_dir.iterdir():
+                if f.is_file() and f.name != "MANIFEST.json":
+                    shutil.copy2(f, tmp / f.name)
     return metrics
+
+
+def result_cache_dir(model: str, cfg: HumanEvalConfig) -> Path | None:
+    """Where a plain model dir's HumanEval result is kept across runs, or None for other models.
+
+    Key: the model's file checksums, the config, the compute dtype "auto" resolves to, torch/transformers
+    versions and the code that generates, executes and scores (evaluation/*.py, sources/humaneval.py). Only
+    plain HF dirs (the dense baseline) are cached: other artifact kinds load through code outside this key.
+    """
+    import transformers
+
+    from sources import cache_root, resolve_model_dir
+
+    where = resolve_model_dir(model)
+    if not isinstance(where, Path) or not (where / "MANIFEST.json").is_file():
+        return None
+    if (where / "lord_artifact.json").is_file():
+        kind = json.loads((where / "lord_artifact.json").read_text()).get("kind")
+        if kind != "dense":
+            return None
+    manifest = json.loads((where / "MANIFEST.json").read_text())
+    files = {k: v["sha256"] for k, v in manifest.items() if k != "metrics.json"}
+    here = Path(__file__).resolve().parent
+    code = {f.name: sha256_file(f) for f in [*sorted(here.glob("*.py")), here.parent / "sources" / "humaneval.py"]}
+    key = sha256_json({"model_files": files, "config": json.loads(json.dumps(cfg.to_dict())), "code": code,
+                       "compute_dtype": dtype_name(compute_dtype("cpu", cfg.dtype)), "torch": torch.__version__,
+                       "transformers": transformers.__version__})
+    return cache_root().parent / "humaneval" / key[:24]
 
 
 def resume_key(model: str, cfg: HumanEvalConfig) -> dict[str, Any]:

@@ -71,6 +71,9 @@ def _stage_configs(spec: PipelineSpec) -> dict[str, dict[str, Any]]:
                 out[f"quantize{b}"] = config_dict(build_config(stage, {**spec.stage_kwargs[stage], "bits": b}))
         else:
             out[stage] = config_dict(build_config(stage, spec.stage_kwargs[stage]))
+    if "evaluate" in spec.enabled and spec.humaneval_intermediate is not None:
+        out["evaluate_intermediate"] = config_dict(build_config(
+            "evaluate", {**spec.stage_kwargs["evaluate"], "humaneval_problems": spec.humaneval_intermediate}))
     return out
 
 
@@ -102,29 +105,32 @@ class _Runner:
         print(f"MLflow parent run {run_id} ({self.tracker.uri})")
 
         current, name = spec.model, "dense"
+        self._final = ("finetune" if "finetune" in spec.enabled else f"quantize{min(spec.bits)}"
+                       if "quantize" in spec.enabled else "decompose" if "decompose" in spec.enabled
+                       else "vocab" if "vocab" in spec.enabled else "dense")
         self._evaluate(name, current, {})
         if "vocab" in spec.enabled:  # trimmed vocabulary: LoRD then calibrates and factors the trimmed model
             trimmed = self._stage("vocab", "vocab", {"model": spec.model})
             current, name = trimmed["dir"], "vocab"
-            self._evaluate(name, current, self.cfgs["vocab"])
+            self._evaluate(name, current, self.cfgs["vocab"], "vocab")
         if "decompose" in spec.enabled:
             stats = self._stage("calibrate", "calibrate", {"model": current})
             lord = self._stage("decompose", "decompose", {"model": current,
                                                           "stats": str(Path(stats["dir"]) / STATS_FILE)})
             current, name = lord["dir"], _join(name, "lord")
-            self._evaluate(name, current, self.cfgs["decompose"])
+            self._evaluate(name, current, self.cfgs["decompose"], "decompose")
         if "quantize" in spec.enabled:
             base, base_name = current, name
             for b in sorted(spec.bits, reverse=True):  # the narrowest width is what finetune starts from
                 q = self._stage("quantize", f"quantize{b}", {"model": base}, label=f"quantize{b}")
                 current, name = q["dir"], _join(base_name, f"gptq{b}")
-                self._evaluate(name, current, self.cfgs[f"quantize{b}"])
+                self._evaluate(name, current, self.cfgs[f"quantize{b}"], f"quantize{b}")
         if "finetune" in spec.enabled:
             # LoRA on the frozen quantized base recovers what compression lost (QLoRA, Dettmers et al. 2023);
             # without a GPTQ stage the finetune stage quantizes its base to NF4 itself.
             data = self.cfgs["finetune"].get("data")  # hash the instruction file's content, not its path
             ft = self._stage("finetune", "finetune", {"model": current, **({"data": data} if data else {})})
-            self._evaluate(_join(name, "qlora"), ft["dir"], self.cfgs["finetune"])
+            self._evaluate(_join(name, "qlora"), ft["dir"], self.cfgs["finetune"], "finetune")
         self._finish()
 
     def _stage(self, stage: str, cfg_name: str, inputs: dict[str, str], label: str | None = None) -> dict[str, Any]:
@@ -154,10 +160,13 @@ class _Runner:
         print(f"{label}: {'cached' if cached else 'reused' if rec['reused'] else 'computed'} -> {out}")
         return result
 
-    def _evaluate(self, variant: str, model: str, producer_cfg: dict[str, Any]) -> None:
+    def _evaluate(self, variant: str, model: str, producer_cfg: dict[str, Any], producer: str = "dense") -> None:
         record: dict[str, Any] = {"variant": variant, "model": model, "params": producer_cfg, "metrics": {}}
         if "evaluate" in self.spec.enabled:
-            res = self._stage("evaluate", "evaluate", {"model": model}, label=f"evaluate[{variant}]")
+            # dense and the final variant get the full HumanEval; those in between the preset's intermediate one
+            ends = producer in ("dense", self._final) or "evaluate_intermediate" not in self.cfgs
+            cfg_name = "evaluate" if ends else "evaluate_intermediate"
+            res = self._stage("evaluate", cfg_name, {"model": model}, label=f"evaluate[{variant}]")
             record["metrics"] = res.get("metrics", {})
         self.variants.append(record)
 

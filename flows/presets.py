@@ -47,8 +47,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "quantize": {"group_size": 128, "n_seqs": 16, "seq_len": 256},
         "finetune": {"steps": 6, "n_examples": 96, "n_eval": 8, "max_seq_len": 192, "micro_batch_size": 2,
                      "grad_accum_steps": 2, "warmup_steps": 1, "eval_every": 3},
-        "evaluate": {"seq_len": 512, "n_windows": 8, "humaneval_problems": 5, "humaneval_max_new_tokens": 192,
-                     "allow_execution": True},
+        # HumanEval/0-39 for every variant (issue 13): batched KV-cache decoding, the dense result reused
+        # across runs from the user cache (evaluation.humaneval.result_cache_dir)
+        "evaluate": {"seq_len": 512, "n_windows": 8, "humaneval_problems": 40, "humaneval_max_new_tokens": 192,
+                     "humaneval_batch_size": 16, "allow_execution": True},
     },
     "full": {
         "model": "qwen2.5-coder-0.5b",
@@ -59,6 +61,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "finetune": {"steps": 200, "max_seq_len": 512},
         "evaluate": {"seq_len": 512, "n_windows": 64, "humaneval_problems": 164, "humaneval_max_new_tokens": 512,
                      "allow_execution": True},
+        # all 164 problems for dense and the final variant; the variants in between get the first 40
+        "humaneval_intermediate": 40,
     },
 }
 
@@ -72,6 +76,8 @@ class PipelineSpec:
     bits: tuple[int, ...]
     stage_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     preset: str = "custom"
+    # HumanEval problems for variants between dense and the final one (None: the evaluate config's own)
+    humaneval_intermediate: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -92,13 +98,17 @@ class PipelineSpec:
                             f"{list(SUPPORTED_BITS)} (e.g. --bits 4 or --bits 8 4).")
         if len(set(self.bits)) != len(self.bits):
             raise FlowError(f"bits={list(self.bits)} has duplicates; give each width once.")
+        if self.humaneval_intermediate is not None and not 0 <= self.humaneval_intermediate <= 164:
+            raise FlowError(f"humaneval_intermediate={self.humaneval_intermediate}: expected 0..164 problems "
+                            "(0 skips HumanEval for variants between dense and the final one).")
         unknown_kw = [s for s in self.stage_kwargs if s not in STAGES]
         if unknown_kw:
             raise FlowError(f"overrides for unknown stages {unknown_kw}; expected keys in {list(STAGES)}.")
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "enabled": list(self.enabled), "bits": list(self.bits),
-                "stage_kwargs": copy.deepcopy(self.stage_kwargs), "preset": self.preset}
+                "stage_kwargs": copy.deepcopy(self.stage_kwargs), "preset": self.preset,
+                "humaneval_intermediate": self.humaneval_intermediate}
 
 
 def resolve_spec(
@@ -139,4 +149,5 @@ def resolve_spec(
         bits=tuple(int(b) for b in (bits if bits is not None else base["bits"])),
         stage_kwargs=kwargs,
         preset=preset,
+        humaneval_intermediate=base.get("humaneval_intermediate"),
     )

@@ -234,3 +234,26 @@ def test_batched_greedy_equals_unbatched_tiny(tiny, stops) -> None:
     if stops[0] == "e":
         lengths = {r["n_new_tokens"] for r in batched}
         assert len(lengths) > 1 and any(r["finish"] == "stop" for r in batched)  # rows really left early
+
+
+def test_dense_result_is_reused_across_runs(tmp_path, monkeypatch) -> None:
+    import sources
+    from evaluation.humaneval import result_cache_dir
+
+    monkeypatch.setattr(sources, "cache_root", lambda: tmp_path / "cache" / "models")
+    cfg = HumanEvalConfig(limit=2, generation=GenerationConfig(max_new_tokens=4, batch_size=2),
+                          allow_execution=True)
+    first = humaneval_to_dir("tinycoder-random", cfg, tmp_path / "a", progress=False, cache=True)
+    assert "humaneval_cache_hit" not in first and result_cache_dir("tinycoder-random", cfg).is_dir()
+    second = humaneval_to_dir("tinycoder-random", cfg, tmp_path / "b", progress=False, cache=True)
+    assert second["humaneval_cache_hit"] and second["pass_at_1"] == first["pass_at_1"]
+    assert read_jsonl(tmp_path / "b" / "results.jsonl") == read_jsonl(tmp_path / "a" / "results.jsonl")
+    assert (tmp_path / "b" / "MANIFEST.json").is_file()
+    other = HumanEvalConfig(**{**cfg.to_dict(), "limit": 1})  # another config: computed, not reused
+    assert "humaneval_cache_hit" not in humaneval_to_dir("tinycoder-random", other, tmp_path / "c",
+                                                         progress=False, cache=True)
+    lord_dir = tmp_path / "lord"  # a factored artifact loads through code outside the key: never cached
+    lord_dir.mkdir()
+    for name, text in {"config.json": "{}", "MANIFEST.json": "{}", "lord_artifact.json": '{"kind": "lord"}'}.items():
+        (lord_dir / name).write_text(text)
+    assert result_cache_dir(str(lord_dir), cfg) is None
