@@ -13,6 +13,8 @@ DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gat
                                     "c_attn", "c_proj", "c_fc")
 SCHEDULERS = ("cosine", "linear", "constant")
 BASES = ("nf4", "float")
+OBJECTIVES = ("sft", "kd")
+CLOCKS = ("wall", "process")
 
 
 @dataclass(frozen=True)
@@ -20,10 +22,24 @@ class FinetuneConfig:
     """QLoRA hyper-parameters (Dettmers et al. 2023, sec. 3: NF4 + double quantization + LoRA on every
     linear) plus the training-loop knobs.
 
-    ``steps`` counts optimizer steps; each sees ``micro_batch_size * grad_accum_steps`` examples.
-    ``data=None`` builds the default docstring -> function set (sources.instructions) of ``n_examples``.
+    ``objective``: ``sft`` trains on instruction answers (``data`` = a JSONL file; None builds the default
+    docstring -> function set of ``n_examples``); ``kd`` distils the dense ``teacher``'s next-token distribution
+    (top-``kd_top_k`` + tail mass, precomputed once and cached by content, see finetune.kd) over ``kd_n_seqs``
+    code windows of ``max_seq_len`` tokens (``data`` = a directory of .py files; None = the stdlib calibration
+    split, never the held-out one). ``teacher=None``: the model the input was compressed from (followed
+    through the artifacts' ``source``). ``steps`` counts optimizer steps (each sees ``micro_batch_size *
+    grad_accum_steps`` examples) and may be None when ``budget_minutes`` bounds the run instead; with both,
+    whichever ends first. ``bf16``: forwards/backwards under CPU bf16 autocast (losses in fp32).
     """
 
+    objective: str = "sft"
+    budget_minutes: float | None = None
+    budget_clock: str = "wall"  # "process": CPU seconds / threads (same compute for compared runs on a busy CPU)
+    teacher: str | None = None
+    kd_top_k: int = 32
+    kd_n_seqs: int = 128
+    kd_cache_dir: str | None = None
+    bf16: bool = False
     data: str | None = None
     n_examples: int = 2000
     n_eval: int = 64
@@ -34,7 +50,7 @@ class FinetuneConfig:
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     base: str = "nf4"
     double_quant: bool = True
-    steps: int = 100
+    steps: int | None = 100
     micro_batch_size: int = 4
     grad_accum_steps: int = 4
     lr: float = 2e-4
@@ -54,7 +70,7 @@ class FinetuneConfig:
         if isinstance(self.target_modules, list):  # from JSON / CLI
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         positive = {"n_examples": self.n_examples, "max_seq_len": self.max_seq_len, "lora_r": self.lora_r,
-                    "steps": self.steps, "micro_batch_size": self.micro_batch_size,
+                    "steps": 1 if self.steps is None else self.steps, "micro_batch_size": self.micro_batch_size,
                     "grad_accum_steps": self.grad_accum_steps, "eval_every": self.eval_every}
         for name, value in positive.items():
             if value < 1:
@@ -71,7 +87,21 @@ class FinetuneConfig:
             raise FinetuneError(f"scheduler={self.scheduler!r}; expected one of {SCHEDULERS}.")
         if self.base not in BASES:
             raise FinetuneError(f"base={self.base!r}; expected one of {BASES} ('nf4' is QLoRA, 'float' plain LoRA).")
-        if not 0 <= self.warmup_steps < self.steps + 1:
+        if self.objective not in OBJECTIVES:
+            raise FinetuneError(f"objective={self.objective!r}; expected one of {OBJECTIVES} ('kd' distils the dense "
+                                f"teacher, 'sft' trains on instruction answers).")
+        if self.steps is None and not self.budget_minutes:
+            raise FinetuneError("steps=None and no budget_minutes: give a step count, a time budget, or both.")
+        if self.budget_minutes is not None and not self.budget_minutes > 0:
+            raise FinetuneError(f"budget_minutes={self.budget_minutes}; expected > 0 minutes (or None: no budget).")
+        if self.budget_clock not in CLOCKS:
+            raise FinetuneError(f"budget_clock={self.budget_clock!r}; expected one of {CLOCKS}.")
+        if self.kd_top_k < 1 or self.kd_n_seqs < 1:
+            raise FinetuneError(f"kd_top_k={self.kd_top_k}, kd_n_seqs={self.kd_n_seqs}; both must be >= 1.")
+        if self.objective == "kd" and self.kd_n_seqs <= self.n_eval:
+            raise FinetuneError(f"kd_n_seqs={self.kd_n_seqs} <= n_eval={self.n_eval}: KD holds out n_eval of its "
+                                f"windows for the eval loss; raise kd_n_seqs or lower n_eval.")
+        if not 0 <= self.warmup_steps < (self.steps or 10**9) + 1:
             raise FinetuneError(f"warmup_steps={self.warmup_steps}; expected 0 <= warmup_steps <= steps={self.steps}.")
         if self.early_stop_patience < 0:
             raise FinetuneError(f"early_stop_patience={self.early_stop_patience}; expected >= 0 (0 disables).")

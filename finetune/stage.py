@@ -1,7 +1,8 @@
 """The fine-tuning stage: ``finetune_to_dir(model, cfg, out_dir) -> metrics`` (docs/CONTRACTS.md).
 
-model -> NF4 base (+ LoRA) -> train on instruction data -> adapter (+ merged float model) in one atomic
-artifact directory, with metrics: losses before/after, peak memory, seconds per step.
+model -> NF4 base (+ LoRA) -> train (instruction SFT, or distillation from the dense teacher: finetune.kd) ->
+adapter (+ merged float model) in one atomic artifact directory, with metrics: losses before/after, the
+per-step loss curve (+ loss_curve.png), peak memory, seconds per step.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from artifacts import atomic_dir, write_json_atomic
 from . import memory
 from .checkpoint import ARTIFACT_FILE, LOADER
 from .config import FinetuneConfig
+from .curves import plot_curve
 from .data import load_instructions, tokenize_split, validate_jsonl
+from .kd import kd_windows, resolve_teacher, teacher_targets, train_kd
 from .merge import merge_to_float
 from .qlora import (
     artifact_kind,
@@ -53,27 +56,43 @@ def finetune_to_dir(model: str, cfg: FinetuneConfig, out_dir: Path, progress: bo
 
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    records, data_meta = instruction_records(cfg)
     model_dir = resolve_model_dir(model)
     kind = artifact_kind(Path(model_dir)) if isinstance(model_dir, Path) else "dense"
     rss_start = memory.rss_mb()
+    targets = None
+    if cfg.objective == "kd":  # the teacher runs (or is read from its cache) before the student is loaded
+        from transformers import AutoTokenizer
+
+        ids, data_meta = kd_windows(AutoTokenizer.from_pretrained(model_dir), cfg)
+        targets = teacher_targets(resolve_teacher(model, cfg), ids, cfg, progress=progress)
+        data_meta = {**data_meta, "sha256": targets.meta["ids"], "teacher": targets.meta}
+    else:
+        records, data_meta = instruction_records(cfg)
     base, tok = load_base(model_dir, cfg)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     peft_model = attach_lora(base, cfg)
     n_trainable, n_total = trainable_parameters(peft_model)
-    split = tokenize_split(records, tok, cfg.max_seq_len, cfg.n_eval, cfg.seed)
     load_peak = memory.peak_rss_mb()
     peak_reset = memory.reset_peak_rss()
     memory.reset_cuda_peak(cfg.device)
-    result = train(peft_model, split.train, split.eval, cfg, tok.pad_token_id, progress=progress)
+    if targets is not None:
+        result = train_kd(peft_model, targets, cfg, progress=progress)
+        n_eval = cfg.n_eval
+        sizes = {"n_train_examples": targets.ids.shape[0] - n_eval, "n_eval_examples": n_eval,
+                 "n_truncated": 0, "n_dropped": 0}
+    else:
+        split = tokenize_split(records, tok, cfg.max_seq_len, cfg.n_eval, cfg.seed)
+        result = train(peft_model, split.train, split.eval, cfg, tok.pad_token_id, progress=progress)
+        sizes = {"n_train_examples": len(split.train), "n_eval_examples": len(split.eval),
+                 "n_truncated": split.n_truncated, "n_dropped": split.n_dropped}
     train_peak = memory.peak_rss_mb()
     metrics: dict[str, Any] = {
         "model": str(model), "base_dir": str(model_dir), "base_kind": kind, "base_quant": cfg.base,
+        "objective": cfg.objective,
         **describe(result),
         "train_loss_reduction": result.train_loss_first - result.train_loss_last,
-        "n_train_examples": len(split.train), "n_eval_examples": len(split.eval),
-        "n_truncated": split.n_truncated, "n_dropped": split.n_dropped,
+        **sizes,
         "trainable_params": n_trainable, "total_params": n_total, "weight_mb": weight_bytes(peft_model) / 2**20,
         "quantized_weight_mb": quantized_weight_bytes(peft_model) / 2**20,
         "rss_start_mb": rss_start, "load_peak_rss_mb": load_peak,
@@ -102,6 +121,7 @@ def finetune_to_dir(model: str, cfg: FinetuneConfig, out_dir: Path, progress: bo
             "adapter": "adapter", "data_sha256": data_meta["sha256"], "config": cfg.to_dict(),
         })
         write_json_atomic(tmp / "finetune_config.json", cfg.to_dict())
+        plot_curve(result, tmp / "loss_curve.png", title=f"{cfg.objective} recovery of {Path(str(model)).name}")
         metrics["total_seconds"] = time.perf_counter() - t_start
         write_json_atomic(tmp / "metrics.json", metrics)
     return metrics

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -141,12 +142,13 @@ class Tracker:
                   "cached": str(cached).lower(), **tags},
         )
         run_id = run.info.run_id
-        metrics = numeric_metrics(result["metrics"]) if result else {}
+        metrics = numeric_metrics({k: v for k, v in result["metrics"].items() if k != "curve"}) if result else {}
         if result:
             metrics["stage_seconds"] = float(result.get("seconds", 0.0))
         self._log(run_id, params=cfg, metrics=metrics,
                   tags={"lord.artifact_dir": result["dir"], "lord.artifact_key": result["key"]} if result else {})
         if result:
+            self._log_curves(run_id, result["metrics"].get("curve"))
             self._log_dir_files(run_id, Path(result["dir"]))
         if error:
             self.client.set_tag(run_id, "lord.error", error[:4000])
@@ -178,6 +180,20 @@ class Tracker:
         ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         for i in range(0, max(len(ps), len(ms), len(ts), 1), 100):
             self.client.log_batch(run_id, metrics=ms[i:i + 100], params=ps[i:i + 100], tags=ts[i:i + 100])
+
+    def _log_curves(self, run_id: str, curves: Any) -> None:
+        """Per-step series from a stage's metrics (``curve``: name -> list over steps 1..n, or {step: value})
+        as MLflow metric histories, so the UI draws them as curves (e.g. the finetune loss per step)."""
+        if not isinstance(curves, dict):
+            return
+        now = int(time.time() * 1000)
+        ms = []
+        for name, series in curves.items():
+            points = series.items() if isinstance(series, dict) else enumerate(series, start=1)
+            ms += [Metric(mlflow_key(f"curve.{name}"), float(v), now, int(step)) for step, v in points
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(ms), 1000):
+            self.client.log_batch(run_id, metrics=ms[i:i + 1000])
 
     def _log_dir_files(self, run_id: str, directory: Path) -> None:
         if not directory.is_dir():

@@ -1,0 +1,107 @@
+"""Recovery of a LoRD-compressed model at one compute budget: distillation from the dense teacher (KD, top-k
+logits) vs instruction SFT, both LoRA on the frozen NF4 base with bf16 autocast, each in a fresh process.
+
+Both runs get the same budget on the *process* clock (CPU seconds / threads), so a busy shared CPU does not
+hand one of them more compute. Held-out perplexity on code the pipeline never calibrates or distils on (the
+stdlib held-out split, 8 x 512). Writes bench/results/recovery.json (curves, steps, timings) and the
+recovered-kd / recovered-sft records of bench/results/quality.json.
+
+Run: OMP_NUM_THREADS=2 flock /tmp/lord-heavy.lock .venv/bin/python bench/recovery.py \
+         --lord /tmp/h14kd/lord10 --budget-minutes 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+from common import merge_records, write_results  # noqa: I001  (bench/ is on sys.path)
+
+from evaluation.evaluate import logical_params
+from evaluation.perplexity import PerplexityConfig, perplexity
+from finetune import FinetuneConfig, finetune_in_subprocess
+from sources import code_split, load_model
+
+PPL = PerplexityConfig(seq_len=512, n_windows=8, batch_size=4)
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def measure(spec: str, files: list[Path]) -> dict[str, float]:
+    """Held-out ppl, parameters, and the decoder's factorable linear parameters of one model."""
+    import torch
+
+    model, tok = load_model(spec)
+    t0 = time.perf_counter()
+    ppl = perplexity(model, tok, files, PPL, progress=False).ppl
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and any(f".{x}" in n for x in LINEAR_NAMES))
+    out = {"ppl": ppl, "params": logical_params(model), "linear_params": linear,
+           "ppl_seconds": time.perf_counter() - t0}
+    del model
+    gc.collect()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dense", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--lord", required=True, help="LoRD checkpoint dir (its lord_artifact.json names the dense source)")
+    ap.add_argument("--plan", default="uniform")
+    ap.add_argument("--budget-minutes", type=float, default=8.0)
+    ap.add_argument("--objectives", nargs="+", default=["kd", "sft"])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/h14kd/recovery"))
+    ap.add_argument("--lr", type=float, default=3e-4)
+    args = ap.parse_args()
+
+    files = code_split().heldout
+    args.work.mkdir(parents=True, exist_ok=True)
+    cache = args.work / "measured.json"
+    measured = json.loads(cache.read_text()) if cache.is_file() else {}
+    for name, spec in (("dense", args.dense), ("lord", args.lord)):
+        if name not in measured:
+            measured[name] = measure(spec, files)
+            cache.write_text(json.dumps(measured, indent=2))
+        print(name, measured[name])
+    dense, lord = measured["dense"], measured["lord"]
+    common = {"model": Path(args.dense).name, "plan": args.plan, "ppl_dense": dense["ppl"],
+              "param_reduction": 1 - lord["params"] / dense["params"],
+              "linear_param_reduction": 1 - lord["linear_params"] / dense["linear_params"],
+              "pass_at_1": None, "n_problems": 0}
+    records, details = [], []
+    for objective in args.objectives:
+        cfg = FinetuneConfig(
+            objective=objective, budget_minutes=args.budget_minutes, budget_clock="process", steps=None,
+            bf16=True, base="nf4", max_seq_len=256, micro_batch_size=2, grad_accum_steps=2, lr=args.lr,
+            warmup_steps=4, eval_every=25, early_stop_patience=0, lora_r=16, lora_alpha=32,
+            n_eval=8, kd_n_seqs=136, kd_top_k=32, n_examples=800)
+        out = args.work / f"{objective}-{args.budget_minutes:g}min"
+        t0 = time.perf_counter()
+        m = finetune_in_subprocess(args.lord, cfg, out, threads=None, progress=False)
+        wall = time.perf_counter() - t0
+        after = measure(str(out), files)
+        print(objective, {k: m[k] for k in ("steps_done", "eval_loss_before", "eval_loss_after", "train_seconds")},
+              after)
+        records.append({**common, "stage": f"recovered-{objective}", "params": after["params"], "ppl": after["ppl"],
+                        "ppl_increase": after["ppl"] / dense["ppl"] - 1, "seconds": m["train_seconds"]})
+        details.append({"objective": objective, "budget_minutes": args.budget_minutes, "budget_clock": "process",
+                        "ppl_lord": lord["ppl"], "ppl_after": after["ppl"], "ppl_dense": dense["ppl"],
+                        "stage_wall_seconds": wall, "teacher": m["data"].get("teacher"),
+                        **{k: m.get(k) for k in ("steps_done", "seconds_per_step", "train_seconds", "budget_stop",
+                                                 "eval_loss_before", "eval_loss_after", "train_loss_first",
+                                                 "train_loss_last", "total_seconds", "peak_rss_mb",
+                                                 "n_train_examples", "curve")}})
+    base = {**common, "stage": "parallel", "params": lord["params"], "ppl": lord["ppl"],
+            "ppl_increase": lord["ppl"] / dense["ppl"] - 1, "seconds": None}
+    protocol = {"heldout": "stdlib held-out split (never calibrated or distilled on)", **PPL.to_dict(),
+                "budget_minutes": args.budget_minutes, "budget_clock": "process (CPU seconds / threads)",
+                "base": "NF4 + LoRA r16 on all linears, bf16 autocast, eval of the merged float model",
+                "lord": args.lord, "lr": args.lr}
+    write_results("recovery", protocol, [base] + records, details=details)
+    merge_records("quality", records, protocol={"recovery": protocol})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Distillation recovery (finetune.kd) on tiny random models: the top-k KL against a hand computation, the loss
+falling over steps on a LoRD student, the teacher cache, the source chain, and the wall-clock budget."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_finetune import char_tokenizer
+
+from finetune import FinetuneConfig, FinetuneError, finetune_to_dir
+from finetune.kd import resolve_teacher, teacher_topk, topk_kl
+from finetune.train import lr_factor
+
+CODE = "def add(a, b):\n    return a + b\n\n\nclass Box:\n    def __init__(self, x):\n        self.x = x\n"
+
+
+def test_topk_kl_equals_full_kl_when_k_is_vocab():
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(2, 5, 11, generator=g) * 3, torch.randn(2, 5, 11, generator=g) * 3
+    idx, logp = teacher_topk(teacher, k=11)
+    full = torch.nn.functional.kl_div(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1),
+                                      log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(topk_kl(student, idx, logp), full, atol=1e-5, rtol=1e-5)
+
+
+def test_topk_kl_matches_a_hand_computation():
+    teacher = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    student = torch.tensor([[0.5, 1.5, 0.2, 0.1]])
+    idx, logp = teacher_topk(teacher, k=2)
+    assert idx.tolist() == [[0, 1]]
+    p = [math.exp(x) / sum(math.exp(y) for y in (2, 1, 0, -1)) for x in (2, 1, 0, -1)]
+    q = [math.exp(x) / sum(math.exp(y) for y in (0.5, 1.5, 0.2, 0.1)) for x in (0.5, 1.5, 0.2, 0.1)]
+    # KL between the two distributions coarsened to {token 0, token 1, everything else}
+    pt, qt = p[2] + p[3], q[2] + q[3]
+    hand = p[0] * math.log(p[0] / q[0]) + p[1] * math.log(p[1] / q[1]) + pt * math.log(pt / qt)
+    assert float(topk_kl(student, idx, logp)) == pytest.approx(hand, rel=1e-5)
+    assert float(topk_kl(teacher, idx, logp)) == pytest.approx(0.0, abs=1e-6)  # the teacher matches itself
+
+
+@pytest.fixture
+def kd_setup(tiny_llama, calib_ids, tmp_path) -> tuple[Path, Path, Path]:
+    """(dense teacher dir, LoRD student dir compressed from it, code dir). The final norm and the layer weights
+    are scaled up so the teacher's next-token distributions are peaked and depend on the compressed layers
+    (a random tiny model's are near uniform and dominated by the embedding)."""
+    from lord import DecomposeConfig, collect_stats, decompose_model, find_groups, save_factored
+
+    with torch.no_grad():
+        tiny_llama.model.norm.weight.mul_(30.0)
+        for p in tiny_llama.model.layers.parameters():
+            if p.ndim == 2:
+                p.mul_(6.0)  # so the layers (what LoRD compresses) shape the output, not just the embedding
+    teacher = tmp_path / "teacher"
+    tiny_llama.save_pretrained(teacher)
+    char_tokenizer().save_pretrained(teacher)
+    stats = collect_stats(tiny_llama, find_groups(tiny_llama), calib_ids, progress=False)
+    report = decompose_model(tiny_llama, stats, DecomposeConfig(method="lord", plan="uniform", reduction=None,
+                                                                rank_reduction=0.7), progress=False)
+    student = tmp_path / "student"
+    save_factored(tiny_llama, char_tokenizer(), student, report.groups, {"method": "lord"})
+    (student / "lord_artifact.json").write_text(json.dumps({"kind": "lord", "loader": "lord.checkpoint:load_factored",
+                                                            "source": str(teacher)}))
+    code = tmp_path / "code"
+    code.mkdir()
+    for i in range(8):
+        (code / f"m{i}.py").write_text(CODE.replace("add", f"add{i}") * 3)
+    return teacher, student, code
+
+
+def kd_cfg(code: Path, cache: Path, **kw) -> FinetuneConfig:
+    base = dict(objective="kd", data=str(code), kd_cache_dir=str(cache), kd_n_seqs=12, n_eval=2, max_seq_len=32,
+                kd_top_k=8, lora_r=4, lora_alpha=8, steps=24, micro_batch_size=2, grad_accum_steps=1, lr=1e-2,
+                warmup_steps=0, eval_every=8, lora_dropout=0.0, base="float", merge=False, early_stop_patience=0)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def test_kd_loss_falls_and_teacher_targets_are_cached(kd_setup, tmp_path):
+    teacher, student, code = kd_setup
+    cfg = kd_cfg(code, tmp_path / "cache")
+    m = finetune_to_dir(str(student), cfg, tmp_path / "ft", progress=False)
+    assert m["objective"] == "kd" and m["data"]["teacher"]["teacher"] == str(teacher)  # found via the source
+    assert m["data"]["teacher"]["cached"] is False
+    assert m["eval_loss_before"] > 0.05  # the compressed student really differs from the teacher
+    assert m["eval_loss_after"] < 0.8 * m["eval_loss_before"]
+    losses = m["curve"]["train_loss"]
+    assert len(losses) == 24 and sum(losses[-4:]) < 0.8 * sum(losses[:4])
+    assert (tmp_path / "ft" / "loss_curve.png").stat().st_size > 1000
+    again = finetune_to_dir(str(student), cfg, tmp_path / "ft2", progress=False)
+    assert again["data"]["teacher"]["cached"] is True
+    assert again["eval_loss_before"] == pytest.approx(m["eval_loss_before"], rel=1e-6)
+
+
+def test_budget_stops_the_run_cleanly(kd_setup, tmp_path):
+    _, student, code = kd_setup
+    cfg = kd_cfg(code, tmp_path / "cache", steps=None, budget_minutes=0.03, eval_every=1000)
+    t0 = time.perf_counter()
+    m = finetune_to_dir(str(student), cfg, tmp_path / "ft", progress=False)
+    assert m["budget_stop"] is True and m["steps_done"] >= 2
+    assert m["train_seconds"] <= 0.03 * 60 + 1.0  # at most one step / eval past the budget
+    assert time.perf_counter() - t0 < 60
+    assert (tmp_path / "ft" / "adapter" / "adapter_config.json").is_file()  # saved when the budget ran out
+
+
+def test_budget_anneals_the_schedule():
+    cfg = FinetuneConfig(steps=None, budget_minutes=1.0, warmup_steps=2)
+    assert lr_factor(1, cfg, 0.0) == pytest.approx(0.5)
+    assert lr_factor(5, cfg, 0.0) == pytest.approx(1.0)
+    assert lr_factor(5, cfg, 30.0) == pytest.approx(0.5)
+    assert lr_factor(5, cfg, 60.0) == pytest.approx(0.0)
+
+
+def test_source_chain_and_bad_inputs(tmp_path):
+    dense, lord, gptq = tmp_path / "dense", tmp_path / "lord", tmp_path / "gptq"
+    for d in (dense, lord, gptq):
+        d.mkdir()
+    (lord / "lord_artifact.json").write_text(json.dumps({"kind": "lord", "source": str(dense)}))
+    (gptq / "lord_artifact.json").write_text(json.dumps({"kind": "gptq", "source": str(lord)}))
+    assert resolve_teacher(gptq, FinetuneConfig()) == str(dense)
+    assert resolve_teacher(gptq, FinetuneConfig(teacher="other")) == "other"
+    with pytest.raises(FinetuneError, match="objective"):
+        FinetuneConfig(objective="distil")
+    with pytest.raises(FinetuneError, match="budget"):
+        FinetuneConfig(steps=None)
+    with pytest.raises(FinetuneError, match="kd_n_seqs"):
+        FinetuneConfig(objective="kd", kd_n_seqs=8, n_eval=8)
+
+
+def test_tracker_logs_the_loss_curve_as_a_metric_history(tmp_path):
+    from flows.testing import temp_mlflow_store
+    from flows.tracking import Tracker
+
+    run_dir = tmp_path / "artifact"
+    run_dir.mkdir()
+    metrics = {"eval_loss_after": 0.5, "curve": {"train_loss": [3.0, 2.0, 1.5], "eval_loss": {"0": 3.2, "3": 1.4}}}
+    with temp_mlflow_store(tmp_path) as uri:
+        tracker = Tracker("test-curves", uri=uri)
+        tracker.start_parent("p", {}, {})
+        run_id = tracker.log_stage("finetune", "finetune", {}, {"metrics": metrics, "dir": str(run_dir), "key": "k",
+                                                                  "seconds": 1.0}, cached=False, tags={})
+        history = tracker.client.get_metric_history(run_id, "curve.train_loss")
+        assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(1, 3.0), (2, 2.0), (3, 1.5)]
+        assert {m.step for m in tracker.client.get_metric_history(run_id, "curve.eval_loss")} == {0, 3}
+        assert tracker.client.get_run(run_id).data.metrics["eval_loss_after"] == 0.5
