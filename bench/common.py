@@ -69,3 +69,25 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> 
 # The held-out perplexity protocol every benchmark uses, so figures compare across files. 16 x 512 tokens
 # keeps one ppl point of the 0.5B model near a minute on 2 cores.
 PPL_PROTOCOL = {"seq_len": 512, "n_windows": 16, "batch_size": 4}
+
+
+QUALITY_KEY = ("model", "stage", "plan", "param_reduction")
+
+
+def merge_records(name: str, records: list[dict[str, Any]], protocol: dict[str, Any] | None = None,
+                  key: tuple[str, ...] = QUALITY_KEY) -> Path:
+    """Merge ``records`` into bench/results/<name>.json, a file several benchmarks share (quality.json):
+    a new record replaces an old one with the same ``key`` (param_reduction compared to 4 decimals), the
+    others are kept, and each benchmark's protocol is kept under its own entry."""
+    import json
+
+    def ident(r: dict[str, Any]) -> tuple:
+        return tuple(round(r[k], 4) if isinstance(r.get(k), float) else r.get(k) for k in key)
+
+    path = RESULTS / f"{name}.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    new_ids = {ident(r) for r in records}
+    kept = [r for r in old.get("records", []) if ident(r) not in new_ids]
+    merged_protocol = {**old.get("protocol", {}), **(protocol or {})}
+    extra = {k: v for k, v in old.items() if k not in ("benchmark", "created", "environment", "protocol", "records")}
+    return write_results(name, merged_protocol, kept + records, **extra)

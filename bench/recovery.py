@@ -1,5 +1,5 @@
 """Recovery of a LoRD-compressed model at one compute budget: distillation from the dense teacher (KD, top-k
-logits) vs instruction SFT, both LoRA on the frozen NF4 base with bf16 autocast, each in a fresh process.
+logits) vs instruction SFT, both LoRA on the frozen NF4 base, each in a fresh process.
 
 Both runs get the same budget on the *process* clock (CPU seconds / threads), so a busy shared CPU does not
 hand one of them more compute. Held-out perplexity on code the pipeline never calibrates or distils on (the
@@ -74,7 +74,7 @@ def main() -> None:
     for objective in args.objectives:
         cfg = FinetuneConfig(
             objective=objective, budget_minutes=args.budget_minutes, budget_clock="process", steps=None,
-            bf16=True, base="nf4", max_seq_len=256, micro_batch_size=2, grad_accum_steps=2, lr=args.lr,
+            base="nf4", max_seq_len=256, micro_batch_size=2, grad_accum_steps=2, lr=args.lr,
             warmup_steps=4, eval_every=25, early_stop_patience=0, lora_r=16, lora_alpha=32,
             n_eval=8, kd_n_seqs=136, kd_top_k=32, n_examples=800)
         out = args.work / f"{objective}-{args.budget_minutes:g}min"
@@ -97,7 +97,7 @@ def main() -> None:
             "ppl_increase": lord["ppl"] / dense["ppl"] - 1, "seconds": None}
     protocol = {"heldout": "stdlib held-out split (never calibrated or distilled on)", **PPL.to_dict(),
                 "budget_minutes": args.budget_minutes, "budget_clock": "process (CPU seconds / threads)",
-                "base": "NF4 + LoRA r16 on all linears, bf16 autocast, eval of the merged float model",
+                "base": "NF4 + LoRA r16 on all linears, compute dtype by sources.compute, eval of the merged float model",
                 "lord": args.lord, "lr": args.lr}
     write_results("recovery", protocol, [base] + records, details=details)
     merge_records("quality", records, protocol={"recovery": protocol})

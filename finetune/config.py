@@ -29,7 +29,8 @@ class FinetuneConfig:
     split, never the held-out one). ``teacher=None``: the model the input was compressed from (followed
     through the artifacts' ``source``). ``steps`` counts optimizer steps (each sees ``micro_batch_size *
     grad_accum_steps`` examples) and may be None when ``budget_minutes`` bounds the run instead; with both,
-    whichever ends first. ``bf16``: forwards/backwards under CPU bf16 autocast (losses in fp32).
+    whichever ends first. ``dtype``: forwards/backwards under bf16 autocast where the hardware has it (losses
+    in fp32), float32 elsewhere (sources.compute).
     """
 
     objective: str = "sft"
@@ -39,7 +40,7 @@ class FinetuneConfig:
     kd_top_k: int = 32
     kd_n_seqs: int = 128
     kd_cache_dir: str | None = None
-    bf16: bool = False
+    dtype: str = "auto"  # compute dtype of forwards/backwards (sources.compute: bf16 only where native)
     data: str | None = None
     n_examples: int = 2000
     n_eval: int = 64
@@ -94,6 +95,11 @@ class FinetuneConfig:
             raise FinetuneError("steps=None and no budget_minutes: give a step count, a time budget, or both.")
         if self.budget_minutes is not None and not self.budget_minutes > 0:
             raise FinetuneError(f"budget_minutes={self.budget_minutes}; expected > 0 minutes (or None: no budget).")
+        from sources.compute import DTYPE_CHOICES
+
+        if self.dtype not in DTYPE_CHOICES:
+            raise FinetuneError(f"dtype={self.dtype!r}; expected one of {DTYPE_CHOICES} (auto: bf16 only where the "
+                                f"CPU/GPU multiplies it natively).")
         if self.budget_clock not in CLOCKS:
             raise FinetuneError(f"budget_clock={self.budget_clock!r}; expected one of {CLOCKS}.")
         if self.kd_top_k < 1 or self.kd_n_seqs < 1:

@@ -130,7 +130,7 @@ def teacher_targets(teacher: str, ids: torch.Tensor, cfg: FinetuneConfig,
     from safetensors.torch import load_file, save_file
 
     key_src = {"teacher_digest": model_fingerprint(teacher), "ids": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
-               "shape": list(ids.shape), "k": cfg.kd_top_k, "bf16": cfg.bf16, "v": CACHE_VERSION}
+               "shape": list(ids.shape), "k": cfg.kd_top_k, "dtype": _dtype_name(cfg), "v": CACHE_VERSION}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir(cfg) / f"{key}.safetensors"
     meta = {"teacher": str(teacher), "key": key, **key_src}
@@ -160,7 +160,7 @@ def _run_teacher(teacher: str, ids: torch.Tensor, cfg: FinetuneConfig,
     model.eval()
     idx, logp = [], []
     for start in tqdm(range(0, ids.shape[0], cfg.micro_batch_size), desc="teacher", disable=not progress):
-        with autocast(cfg.bf16):
+        with autocast(cfg):
             logits = model(input_ids=ids[start:start + cfg.micro_batch_size].to(cfg.device), use_cache=False).logits
         i, v = teacher_topk(logits, cfg.kd_top_k)
         idx.append(i.cpu())
@@ -169,20 +169,29 @@ def _run_teacher(teacher: str, ids: torch.Tensor, cfg: FinetuneConfig,
     return torch.cat(idx), torch.cat(logp)
 
 
+def _dtype_name(cfg: FinetuneConfig) -> str:
+    from sources.compute import compute_dtype, dtype_name
+
+    return dtype_name(compute_dtype(cfg.device, cfg.dtype))
+
+
 def kd_objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Mean top-k KL over every position of the batch's windows."""
+    from sources.compute import wide
+
     logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-    kl = topk_kl(logits, batch["top_idx"], batch["top_logp"])
+    with wide():  # the loss in fp32 even inside a bf16 autocast region
+        kl = topk_kl(logits, batch["top_idx"], batch["top_logp"])
     return kl.mean(), kl.numel()
 
 
 @torch.no_grad()
-def kd_eval_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]], bf16: bool) -> float:
+def kd_eval_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]], cfg: FinetuneConfig) -> float:
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     for batch in batches:
-        with autocast(bf16):
+        with autocast(cfg):
             loss, count = kd_objective(model, batch)
         total += float(loss) * count
         n += count
@@ -224,4 +233,4 @@ def train_kd(model: nn.Module, targets: TeacherTargets, cfg: FinetuneConfig, pro
         raise FinetuneError(f"teacher token ids reach {int(targets.top_idx.max())} but the student's vocabulary has "
                             f"{vocab}: teacher and student must share a tokenizer.")
     return run_loop(model, _stream(targets, rows, cfg.micro_batch_size, cfg.seed), kd_objective,
-                    lambda: kd_eval_loss(model, eval_batches, cfg.bf16), cfg, progress, desc="kd")
+                    lambda: kd_eval_loss(model, eval_batches, cfg), cfg, progress, desc="kd")

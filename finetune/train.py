@@ -47,7 +47,7 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def eval_loss(model: nn.Module, examples: list[dict[str, list[int]]], pad_id: int, batch_size: int,
-              bf16: bool = False) -> float:
+              cfg: FinetuneConfig | None = None) -> float:
     """Token-weighted mean answer loss over held-out examples (dropout off)."""
     was_training = model.training
     model.eval()
@@ -55,7 +55,7 @@ def eval_loss(model: nn.Module, examples: list[dict[str, list[int]]], pad_id: in
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], pad_id)
         n = n_target_tokens(batch)
-        with autocast(bf16):
+        with autocast(cfg or FinetuneConfig()):
             total += float(model(**batch).loss) * n
         n_tok += n
     model.train(was_training)
@@ -70,7 +70,7 @@ def train(model: nn.Module, train_examples: list[dict[str, list[int]]], eval_exa
     """Instruction SFT: train the trainable (LoRA) parameters of ``model`` in place on answer-token loss."""
     stream = _forever(train_examples, cfg.micro_batch_size, pad_id, cfg.seed)
     return run_loop(model, stream, sft_objective,
-                    lambda: eval_loss(model, eval_examples, pad_id, cfg.micro_batch_size, cfg.bf16), cfg, progress,
+                    lambda: eval_loss(model, eval_examples, pad_id, cfg.micro_batch_size, cfg), cfg, progress,
                     desc="sft")
 
 
@@ -78,10 +78,13 @@ def sft_objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     return model(**batch).loss, n_target_tokens(batch)
 
 
-def autocast(enabled: bool):
-    """bf16 autocast on CPU (matmuls in bf16, reductions and the loss in fp32): ~1.9x the training throughput
-    of fp32 on this CPU for the 0.5B (shared/DESIGN.md); a no-op context when disabled."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+def autocast(cfg: FinetuneConfig):
+    """The compute-dtype policy's autocast for ``cfg`` (sources.compute): bf16 where the hardware multiplies
+    it natively, a no-op on float32 (on an AVX2-only CPU bf16 matmuls are emulated and far slower)."""
+    from sources.compute import autocast as policy_autocast
+    from sources.compute import compute_dtype
+
+    return policy_autocast(cfg.device, compute_dtype(cfg.device, cfg.dtype))
 
 
 def run_loop(model: nn.Module, stream: Iterator[Any], objective: Objective, evaluate: Callable[[], float],
@@ -129,7 +132,7 @@ def _run_loop(model: nn.Module, stream: Iterator[Any], objective: Objective, eva
         batches = [next(stream) for _ in range(cfg.grad_accum_steps)]
         step_loss, step_tokens = 0.0, 0
         for batch in batches:
-            with autocast(cfg.bf16):
+            with autocast(cfg):
                 loss, n_tok = objective(model, batch)
             # token-weighted over the step's micro-batches (the sum is divided once all are counted)
             (loss.float() * n_tok).backward()

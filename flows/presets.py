@@ -30,7 +30,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "decompose": {"method": "lord", "plan": "auto", "reduction": 0.05},
         "quantize": {"group_size": 64, "n_seqs": 8, "seq_len": 128, "batch_size": 4},
         "finetune": {"objective": "kd", "steps": 4, "kd_n_seqs": 12, "n_eval": 4, "max_seq_len": 128,
-                     "micro_batch_size": 2, "grad_accum_steps": 1, "warmup_steps": 0, "eval_every": 4, "bf16": True},
+                     "micro_batch_size": 2, "grad_accum_steps": 1, "warmup_steps": 0, "eval_every": 4},
         "evaluate": {"seq_len": 256, "n_windows": 4, "humaneval_problems": 2, "humaneval_max_new_tokens": 64,
                      "allow_execution": True},
     },
@@ -45,10 +45,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "calibrate": {"n_seqs": 32, "seq_len": 256},
         "decompose": {"method": "lord", "plan": "search", "reduction": 0.1},
         "quantize": {"group_size": 128, "n_seqs": 16, "seq_len": 256},
-        # recovery = distillation from the dense teacher (finetune.kd), bounded by time, bf16 autocast
+        # recovery = distillation from the dense teacher (finetune.kd), bounded by time
         "finetune": {"objective": "kd", "budget_minutes": 2.0, "steps": None, "kd_n_seqs": 44, "n_eval": 4,
                      "max_seq_len": 256, "micro_batch_size": 2, "grad_accum_steps": 2, "warmup_steps": 2,
-                     "eval_every": 1000, "bf16": True},
+                     "eval_every": 1000},
         # HumanEval/0-39 for every variant (issue 13): batched KV-cache decoding, the dense result reused
         # across runs from the user cache (evaluation.humaneval.result_cache_dir)
         "evaluate": {"seq_len": 512, "n_windows": 8, "humaneval_problems": 40, "humaneval_max_new_tokens": 192,
@@ -62,7 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "quantize": {"group_size": 128, "n_seqs": 128, "seq_len": 512},
         "finetune": {"objective": "kd", "budget_minutes": 15.0, "steps": None, "kd_n_seqs": 136, "n_eval": 8,
                      "max_seq_len": 512, "micro_batch_size": 1, "grad_accum_steps": 4, "warmup_steps": 4,
-                     "eval_every": 50, "bf16": True},
+                     "eval_every": 50},
         "evaluate": {"seq_len": 512, "n_windows": 64, "humaneval_problems": 164, "humaneval_max_new_tokens": 512,
                      "allow_execution": True},
         # all 164 problems for dense and the final variant; the variants in between get the first 40

@@ -94,6 +94,19 @@ def test_kd_loss_falls_and_teacher_targets_are_cached(kd_setup, tmp_path):
     assert again["eval_loss_before"] == pytest.approx(m["eval_loss_before"], rel=1e-6)
 
 
+def test_kd_on_a_gptq_base_finds_the_dense_teacher_through_the_chain(kd_setup, tmp_path):
+    """What the flow runs: LoRA on our GPTQ-4 LoRD model, the teacher found via gptq -> lord -> dense."""
+    from quant import QuantConfig, quantize_to_dir
+
+    teacher, student, code = kd_setup
+    qdir = tmp_path / "gptq"
+    quantize_to_dir(str(student), QuantConfig(bits=4, group_size=32, n_seqs=4, seq_len=32), qdir)
+    m = finetune_to_dir(str(qdir), kd_cfg(code, tmp_path / "cache", steps=12, merge=True), tmp_path / "ft",
+                        progress=False)
+    assert m["base_kind"] == "gptq" and m["data"]["teacher"]["teacher"] == str(teacher)
+    assert m["eval_loss_after"] < m["eval_loss_before"]
+
+
 def test_budget_stops_the_run_cleanly(kd_setup, tmp_path):
     _, student, code = kd_setup
     cfg = kd_cfg(code, tmp_path / "cache", steps=None, budget_minutes=0.03, eval_every=1000)

@@ -29,7 +29,7 @@ def test_smollm2_every_stage_tracked(prefect_api, tmp_path):
     overrides = {
         "calibrate": {"n_seqs": 16, "seq_len": 128},  # > every group's input dim (1536): a full-rank Gram
         "quantize": {"group_size": 64, "n_seqs": 4, "seq_len": 64},
-        "finetune": {"data": str(data), "steps": 2, "n_eval": 4, "max_seq_len": 192, "micro_batch_size": 2,
+        "finetune": {"objective": "sft", "data": str(data), "steps": 2, "n_eval": 4, "max_seq_len": 192, "micro_batch_size": 2,
                      "grad_accum_steps": 1, "warmup_steps": 0, "eval_every": 2},
         "evaluate": {"seq_len": 128, "n_windows": 2, "humaneval_problems": 1, "humaneval_max_new_tokens": 32,
                      "allow_execution": True},
