@@ -32,6 +32,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("--damping", type=float, default=0.01, help="whitening damping (fraction of mean diag G)")
     dec.add_argument("--sensitivity", choices=("fisher", "probe"), default="fisher",
                      help="plan auto: how group sensitivity is measured (fisher: one backward pass)")
+    dec.add_argument("--calibration", choices=("parallel", "sequential"), default="parallel",
+                     help="sequential: layer by layer, each group fitted on the compressed model's inputs "
+                          "toward the dense output (error compensation)")
+    dec.add_argument("--sequential-mode", choices=("compensate", "stats"), default="compensate")
     dec.set_defaults(func=_decompose)
 
 
@@ -62,7 +66,8 @@ def _decompose(a: argparse.Namespace) -> dict:
 
     cfg = DecomposeConfig(method=a.method, plan=a.plan, reduction=None if a.rank_reduction else a.reduction,
                           rank_reduction=a.rank_reduction, targets=tuple(a.targets), ignore=tuple(a.ignore),
-                          damping=a.damping, sensitivity=a.sensitivity)
+                          damping=a.damping, sensitivity=a.sensitivity, calibration=a.calibration,
+                          sequential_mode=a.sequential_mode)
     stats = a.stats
     if stats is None:
         stats = a.out.with_name(a.out.name + ".stats")

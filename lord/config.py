@@ -8,6 +8,7 @@ from typing import Any
 from lord.decompose import METHODS
 from lord.errors import LordError
 from lord.ranks import PLANS
+from lord.sequential import CALIBRATIONS, MODES
 from lord.stats import STATISTICS
 
 SENSITIVITIES = ("probe", "fisher")
@@ -71,6 +72,11 @@ class DecomposeConfig:
     sensitivity_seed: int = 1
     probe_fraction: float = 0.75
     sensitivity: str = "fisher"  # "fisher" (one backward) or "probe" (per-group loss probes), lord/sensitivity.py
+    # "parallel": every group from the dense model's statistics (one pass); "sequential": layer by layer, each
+    # group fitted on the already-compressed model's inputs toward the dense output (lord/sequential.py), with
+    # the plan's ranks; sequential_mode "compensate" (best candidate per group) or "stats" (LoRD on those inputs)
+    calibration: str = "parallel"
+    sequential_mode: str = "compensate"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -90,6 +96,9 @@ class DecomposeConfig:
         if self.sensitivity_seqs < 1 or self.sensitivity_seq_len < 2:
             raise LordError(f"sensitivity_seqs must be >= 1 and sensitivity_seq_len >= 2, got "
                             f"{self.sensitivity_seqs}, {self.sensitivity_seq_len}")
+        if self.calibration not in CALIBRATIONS or self.sequential_mode not in MODES:
+            raise LordError(f"calibration {self.calibration!r} / sequential_mode {self.sequential_mode!r}: expected "
+                            f"one of {CALIBRATIONS} / {MODES}")
         if self.sensitivity not in SENSITIVITIES:
             raise LordError(f"sensitivity {self.sensitivity!r} is unknown; expected one of {SENSITIVITIES}")
         if not 0 < self.probe_fraction <= 1:

@@ -20,6 +20,7 @@ from lord.errors import LordError
 from lord.ranks import plan_summary, rank_plan
 from lord.search import search_plan
 from lord.sensitivity import fisher_sensitivities, probe_sensitivities, weights_of
+from lord.sequential import sequential_decompose
 from lord.stats import GroupStats
 from lord.surgery import Group, factor_group, find_groups, stacked_weight
 
@@ -59,17 +60,18 @@ def linear_params(model: nn.Module) -> int:
 
 def apply_ranks(model: nn.Module, groups: list[Group], facts: Mapping[str, Factorization],
                 ranks: Mapping[str, int | None], total_params: int,
-                linear_total: int | None = None) -> DecomposeReport:
+                linear_total: int | None = None, swap: bool = True) -> DecomposeReport:
     """Swap every group with a rank for LowRankLinear (in place) and report errors and reductions.
 
     ``linear_total``: all factorable linear parameters (``linear_params`` of the dense model; default: the
-    targeted groups')."""
+    targeted groups'). ``swap=False``: the groups are already factored (sequential calibration); only report
+    (``rel_output_error`` is then the one-shot factors' error on the dense statistics)."""
     report = {}
     for g in groups:
         r = ranks.get(g.name)
         f = facts[g.name]
         err = float(f.error_curve()[r]) if r is not None else 0.0
-        if r is not None:
+        if r is not None and swap:
             w, _ = stacked_weight(model, g)
             up, down = f.factors(w, r)
             factor_group(model, g, up, down)
@@ -88,11 +90,16 @@ def apply_ranks(model: nn.Module, groups: list[Group], facts: Mapping[str, Facto
 
 def decompose_model(model: nn.Module, stats: Mapping[str, GroupStats], cfg: DecomposeConfig,
                     progress: bool = True, sensitivity_ids: torch.Tensor | None = None,
-                    validation_ids: torch.Tensor | None = None) -> DecomposeReport:
+                    validation_ids: torch.Tensor | None = None,
+                    calibration_ids: torch.Tensor | None = None) -> DecomposeReport:
     """Factor ``model`` in place: statistics -> per-group factorization -> rank plan -> module swap.
 
-    Plan ``auto`` also needs ``sensitivity_ids`` ([n_seqs, seq_len] calibration tokens) for the loss probes.
+    Plan ``auto`` also needs ``sensitivity_ids`` ([n_seqs, seq_len] calibration tokens) for the loss probes;
+    ``calibration="sequential"`` needs ``calibration_ids`` (the tokens of ``stats``) for its layer-by-layer walk.
     """
+    if cfg.calibration == "sequential" and calibration_ids is None:
+        raise LordError("calibration 'sequential' walks the model on calibration tokens: pass calibration_ids "
+                        "(the [n_seqs, seq_len] ids the statistics were collected on), or use 'parallel'")
     t0 = time.perf_counter()
     groups = find_groups(model, cfg.targets, cfg.ignore)
     total = count_params(model)
@@ -116,7 +123,16 @@ def decompose_model(model: nn.Module, stats: Mapping[str, GroupStats], cfg: Deco
         ranks, found = search_plan(model, groups, facts, sensitivity_ids, cfg.reduction * total,
                                    candidates={"auto": ranks}, progress=progress, validation_ids=validation_ids)
         sens = {**sens, "_search": found}
-    report = apply_ranks(model, groups, facts, ranks, total, linear_total)
+    seq = None
+    if cfg.calibration == "sequential":
+        seq = sequential_decompose(model, groups, ranks, calibration_ids, cfg.sequential_mode, progress=progress)
+    report = apply_ranks(model, groups, facts, ranks, total, linear_total, swap=seq is None)
+    report.metrics["calibration"] = cfg.calibration
+    if seq is not None:
+        for name, info in seq.groups.items():
+            report.groups[name]["sequential"] = info
+        report.metrics.update(sequential_mode=cfg.sequential_mode, sequential_seconds=seq.seconds,
+                              sequential_chosen=seq.chosen_counts())
     report.sensitivities = sens
     report.metrics["decompose_seconds"] = time.perf_counter() - t0
     if sens is not None:

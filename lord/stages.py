@@ -81,7 +81,11 @@ def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Pat
     if cfg.plan == "search":  # an independent batch re-scores the search's finalists (lord/search.py)
         val_ids = calibration_batches(tok, code_split().calibration, n_seqs=cfg.sensitivity_seqs,
                                       seq_len=cfg.sensitivity_seq_len, seed=cfg.sensitivity_seed + 1000)
-    report = decompose_model(m, group_stats, cfg, sensitivity_ids=sens_ids, validation_ids=val_ids)
+    calib_ids = None
+    if cfg.calibration == "sequential":  # the walk replays the statistics' own tokens (checked by their hash)
+        calib_ids = _calibration_ids(tok, meta, stats)
+    report = decompose_model(m, group_stats, cfg, sensitivity_ids=sens_ids, validation_ids=val_ids,
+                             calibration_ids=calib_ids)
     info = {"method": cfg.method, "plan": cfg.plan, "config": cfg.to_dict(), "source_model": str(model),
             "stats_model": meta.get("model"), "calibration_hash": meta.get("calibration_hash")}
     metrics = {**report.metrics, "method": cfg.method, "plan": cfg.plan, "rank_deficient_groups": len(thin),
@@ -100,3 +104,20 @@ def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Pat
             {"kind": "lord", "loader": "lord.checkpoint:load_factored", "source": str(model), **info},
             indent=2, sort_keys=True))
     return metrics
+
+
+def _calibration_ids(tok, meta: dict, stats: Path):
+    """The calibration batch the statistics were collected on, rebuilt from their recorded config."""
+    from sources import batches_digest, calibration_batches, code_split
+
+    cfg = meta.get("config") or {}
+    try:
+        ids = calibration_batches(tok, code_split().calibration, n_seqs=cfg["n_seqs"], seq_len=cfg["seq_len"],
+                                  seed=cfg["seed"])
+    except KeyError as e:
+        raise LordError(f"statistics in {stats} do not record their calibration config ({e}); recollect them "
+                        "with lord calibrate") from e
+    if meta.get("calibration_hash") and batches_digest(ids) != meta["calibration_hash"]:
+        raise LordError(f"the calibration tokens of {stats} cannot be rebuilt (corpus changed: hash mismatch); "
+                        "recollect the statistics")
+    return ids
