@@ -38,7 +38,11 @@ def artifact_kind(model_dir: Path) -> str:
 def bnb_config(cfg: FinetuneConfig) -> Any:
     from transformers import BitsAndBytesConfig
 
-    compute = torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32  # fp16 on CPU is ~50x slower
+    from sources.compute import compute_dtype
+
+    # NF4 dequantizes into the compute dtype: bf16 only where it is native (sources/compute.py); never fp16
+    # on CPU (~50x slower)
+    compute = compute_dtype(cfg.device)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=compute)
 
