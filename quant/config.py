@@ -10,6 +10,7 @@ from quant.errors import QuantError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 METHODS = ("gptq", "rtn")
+GRIDS = ("minmax", "mse")
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,8 @@ class QuantConfig:
     LoRD factor pairs (quant/factors.py, measured in bench/quant_factors.py): ``factor_upfit`` quantizes
     each group's ``down`` first and refits + GPTQs every ``up`` against the quantized bottleneck;
     ``factor_balance`` rescales rank directions before quantizing; ``down_bits`` / ``up_bits`` give the
-    factors their own width (None: ``bits``). Dense linears ignore all four.
+    factors their own width (None: ``bits``). Dense linears ignore all four. ``grid="mse"`` clips every
+    group's grid to its lowest rounding error instead of spanning min..max (quant.grid.fit_grid_mse).
     """
 
     bits: int = 4
@@ -44,10 +46,15 @@ class QuantConfig:
     factor_balance: bool = False
     down_bits: int | None = None
     up_bits: int | None = None
+    grid: str = "minmax"
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise QuantError(f"bits={self.bits!r}; expected one of {SUPPORTED_BITS}. Use 4 or 8 for GPTQ checkpoints.")
+        if self.grid not in GRIDS:
+            raise QuantError(f"grid={self.grid!r}; expected one of {GRIDS}.")
+        if self.grid == "mse" and self.outlier_threshold is not None:
+            raise QuantError("grid='mse' with outlier_threshold: SpQR outliers fit their own grids; use one of them.")
         for name in ("down_bits", "up_bits"):
             v = getattr(self, name)
             if v is not None and v not in SUPPORTED_BITS:

@@ -13,7 +13,7 @@ import math
 import torch
 
 from quant.errors import QuantError
-from quant.grid import dequantize, fit_grid, quantize_int
+from quant.grid import dequantize, fit_grid, fit_grid_mse, quantize_int
 from quant.result import QuantizedWeight, check_group_size
 
 
@@ -48,13 +48,15 @@ class GPTQ:
         outlier_threshold: float | None = None,
         name: str = "layer",
         allow_partial: bool = False,
+        mse_grid: bool = False,
     ) -> QuantizedWeight:
         """Quantize ``weight`` [out, in] minimising ``||X W^T - X Q^T||^2`` column by column (GPTQ eq. 2-4).
 
         Each column's rounding error, divided by the Cholesky diagonal of ``H^-1``, is spread over the
         not-yet-quantized columns (``W[:, j:] -= err * Hinv[i, j:]``), applied lazily per block of
         ``block_size`` columns. With ``act_order`` columns go in order of decreasing ``H_ii``; groups are
-        then contiguous in that order and ``g_idx`` maps each original column to its group.
+        then contiguous in that order and ``g_idx`` maps each original column to its group. ``mse_grid``
+        clips each group's grid to its lowest rounding error (quant.grid.fit_grid_mse; not with outliers).
         """
         if self.n_samples == 0:
             raise QuantError(
@@ -101,7 +103,7 @@ class GPTQ:
                 col = i1 + i
                 if col % gs == 0:
                     group = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                    scale, zero = self._fit_group(group, d_all[col : col + gs], bits, sym, thr)
+                    scale, zero = self._fit_group(group, d_all[col : col + gs], bits, sym, thr, mse_grid)
                     scales.append(scale.squeeze(1))
                     zeros.append(zero.squeeze(1))
                 w, d = W1[:, i], Hinv1[i, i]
@@ -137,12 +139,14 @@ class GPTQ:
 
     @staticmethod
     def _fit_group(
-        group: torch.Tensor, d: torch.Tensor, bits: int, sym: bool, thr: float | None
+        group: torch.Tensor, d: torch.Tensor, bits: int, sym: bool, thr: float | None, mse_grid: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Grid of one column group. With outliers on, weights whose *leave-one-out* scaled error exceeds the
         threshold are left out of the fit (SpQR sec. 4.1), so a large weight cannot stretch the grid to hide
         its own error. A min-max grid only changes when its row's min or max is left out, so three fits
         (all, without the max, without the min) give every weight's leave-one-out grid."""
+        if mse_grid and thr is None:
+            return fit_grid_mse(group, bits, sym)
         scale, zero = fit_grid(group, bits, sym)
         if thr is None or group.shape[1] < 2:
             return scale, zero

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from quant.grid import fit_grid, quantize_int
+from quant.grid import fit_grid, fit_grid_mse, quantize_int
 from quant.result import QuantizedWeight, check_group_size
 
 
 def rtn_quantize(
-    weight: torch.Tensor, bits: int, group_size: int, sym: bool, name: str = "layer", allow_partial: bool = False
+    weight: torch.Tensor, bits: int, group_size: int, sym: bool, name: str = "layer", allow_partial: bool = False,
+    mse_grid: bool = False,
 ) -> QuantizedWeight:
     """Quantize each row's column groups independently to their nearest grid level."""
     w = weight.detach().float()
@@ -19,7 +20,7 @@ def rtn_quantize(
     # zero padding of a short last group leaves its grid unchanged: every grid's range contains 0
     padded = torch.nn.functional.pad(w, (0, n_groups * gs - in_f))
     rows = padded.reshape(out_f * n_groups, gs)
-    scale, zero = fit_grid(rows, bits, sym)
+    scale, zero = (fit_grid_mse if mse_grid else fit_grid)(rows, bits, sym)
     q = quantize_int(rows, scale, zero, bits).reshape(out_f, n_groups * gs)[:, :in_f]
     return QuantizedWeight(
         q=q.to(torch.uint8),

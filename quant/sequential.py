@@ -138,11 +138,12 @@ def _quantize_layer(
         bits = plan.bits(sub)
         weight = plan.weight_for(sub, lin, stats)
         if stats is None:
-            qw = rtn_quantize(weight, bits, cfg.group_size, cfg.sym, name=full, allow_partial=partial)
+            qw = rtn_quantize(weight, bits, cfg.group_size, cfg.sym, name=full, allow_partial=partial,
+                              mse_grid=cfg.grid == "mse")
         else:
             qw = stats[sub].quantize(
                 weight, bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp_percent,
-                cfg.block_size, cfg.outlier_threshold, name=full, allow_partial=partial,
+                cfg.block_size, cfg.outlier_threshold, name=full, allow_partial=partial, mse_grid=cfg.grid == "mse",
             )
             del stats[sub]
             plan.after(sub, qw)

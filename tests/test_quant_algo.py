@@ -166,3 +166,31 @@ def test_gptq_errors_are_clear(layer):
         GPTQ(128).add_batch(x[:, :64])
     with pytest.raises(QuantError, match="group_size=48 does not divide the input dimension 128 of blk.q"):
         _gptq(w, x, bits=4, group_size=48, name="blk.q")
+
+
+def test_mse_grid_clips_gaussian_rows_to_a_lower_rounding_error():
+    from quant.grid import fit_grid, fit_grid_mse, quantize_dequantize
+
+    w = torch.randn(256, 128, generator=torch.Generator().manual_seed(0))
+    for sym in (True, False):
+        s0, z0 = fit_grid(w, 4, sym)
+        s1, z1 = fit_grid_mse(w, 4, sym)
+        e0 = (quantize_dequantize(w, s0, z0, 4) - w).square().sum(1)
+        e1 = (quantize_dequantize(w, s1, z1, 4) - w).square().sum(1)
+        assert bool((s1 <= s0).all()) and float(e1.sum()) < 0.92 * float(e0.sum())  # measured 0.84 sym, 0.90 asym
+        assert torch.equal(s1, s1.half().float())  # stored scales are float16: quantize against those
+
+
+def test_mse_grid_in_gptq_and_rtn_lowers_the_output_error():
+    from quant import GPTQ, rtn_quantize
+
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(64, 256, generator=g), torch.randn(1024, 256, generator=g)
+    h = GPTQ(256)
+    h.add_batch(x)
+
+    def err(q):
+        return float(((w - q.dequantize()) @ x.T).norm())
+
+    assert err(h.quantize(w, 4, 128, mse_grid=True)) < err(h.quantize(w, 4, 128))
+    assert err(rtn_quantize(w, 4, 128, True, mse_grid=True)) < err(rtn_quantize(w, 4, 128, True))
