@@ -30,7 +30,7 @@ def add_humaneval_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--workers", type=int, default=2, help="parallel sandboxed executions")
     g.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per execution")
-    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default=argparse.SUPPRESS,
                    help="compute dtype (auto: bf16 where the CPU/GPU multiplies it natively, else float32)")
     g.add_argument("--allow-code-execution", action="store_true",
                    help="run model-generated code (in the sandbox); refused without this flag")
@@ -46,7 +46,7 @@ def config_from_args(args: argparse.Namespace) -> HumanEvalConfig:
                                     n_samples=args.n, temperature=args.temperature, top_p=args.top_p),
         sandbox=SandboxConfig(wall_seconds=args.timeout, workers=args.workers),
         allow_execution=args.allow_code_execution,
-        dtype=args.dtype,
+        dtype=getattr(args, "dtype", "auto"),
     )
 
 

@@ -7,8 +7,8 @@ kernel), while on AMX CPUs it is ~5x faster. Numerically sensitive work (Gram/He
 eigen/Cholesky, losses) stays wide whatever this returns: callers upcast there. Artifacts keep their stored
 dtype: stages that write weights load them in float32 and compute in bf16 only through ``autocast``.
 
-Overrides, strongest first: an explicit ``requested`` name (a stage config's ``dtype`` field, ``--dtype``),
-then ``$LORD_DTYPE``, then "auto". ``$LORD_NO_BF16=1`` makes "auto" behave as on a CPU without bf16 (tests
+Overrides, strongest first: an explicit ``requested`` "float32"/"bfloat16" (a stage config's ``dtype``
+field), then ``$LORD_DTYPE`` (what ``lord --dtype`` sets), then detection; ``requested="auto"`` defers. ``$LORD_NO_BF16=1`` makes "auto" behave as on a CPU without bf16 (tests
 of the fallback path).
 """
 
@@ -34,9 +34,10 @@ _BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 def compute_dtype(device: str | torch.device = "cpu", requested: str | None = None) -> torch.dtype:
-    """The float type forwards run in on ``device``: ``requested`` > ``$LORD_DTYPE`` > auto-detection."""
-    name = requested if requested not in (None, "") else os.environ.get(DTYPE_ENV) or "auto"
-    name = check_dtype_name(name)
+    """The float type forwards run in on ``device``: explicit ``requested`` > ``$LORD_DTYPE`` > detection."""
+    name = check_dtype_name(requested or "auto")
+    if name == "auto":  # a config's default: the process-wide choice (`lord --dtype`), if any, decides
+        name = check_dtype_name(os.environ.get(DTYPE_ENV) or "auto")
     dev = torch.device(device)
     if name == "auto":
         return torch.bfloat16 if native_bf16(dev) else torch.float32

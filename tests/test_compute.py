@@ -44,7 +44,9 @@ def test_explicit_beats_env_beats_auto(clean_env) -> None:
     clean_env.setenv(DTYPE_ENV, "float32")
     assert compute_dtype("cpu") == torch.float32
     assert compute_dtype("cpu", "bfloat16") == torch.bfloat16
-    assert compute_dtype("cpu", "auto") == torch.bfloat16  # an explicit "auto" detects, ignoring the env
+    assert compute_dtype("cpu", "auto") == torch.float32  # a config's "auto" defers to the process choice
+    clean_env.delenv(DTYPE_ENV)
+    assert compute_dtype("cpu", "auto") == torch.bfloat16
 
 
 def test_bf16_without_native_support_runs_but_warns(clean_env) -> None:
@@ -119,3 +121,14 @@ def test_cli_dtype_sets_the_process_policy(clean_env, capsys) -> None:
     args = _parser().parse_args(["run", "--dtype", "bfloat16"])
     assert args.dtype == "bfloat16"
     assert os.environ.get(DTYPE_ENV) is None  # parsing alone changes nothing; main() sets it
+
+
+def test_cli_dtype_reaches_the_eval_stage(clean_env, tmp_path, capsys) -> None:
+    from flows.cli import main
+
+    clean_env.setenv(DTYPE_ENV, "auto")  # main() sets it for the process: restored after the test
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["--dtype", "bfloat16", "eval", "--model", "tinycoder-random", "--out", str(tmp_path / "e"),
+                     "--seq-len", "32", "--n-windows", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["compute_dtype"] == "bfloat16"
