@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8, help="held-out 512-token windows (>= 8)")
     ap.add_argument("--calib-seqs", type=int, default=16, help="calibration windows of 512 tokens")
     ap.add_argument("--tie-check", action="store_true", help="also measure the untied GGUF and both tied copies")
+    ap.add_argument("--variants", nargs="+", default=None, metavar="PLAN:REDUCTION:STAGE",
+                    help="run exactly these, in this order (instead of the reductions x plans x stages grid)")
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--model", default=MODEL, help="embedded name (a tiny one for a smoke run)")
     ap.add_argument("--results", default="quality", help="results name (bench/results/<name>.json)")
@@ -88,20 +90,19 @@ def run(args: argparse.Namespace) -> None:
     one_shot_seconds = time.perf_counter() - t0
     print(f"parallel statistics + factorization: {one_shot_seconds:.0f} s", flush=True)
     curves = {k: f.error_curve() for k, f in facts.items()}
+    variants = [(p, float(r), s) for p, r, s in (v.split(":") for v in args.variants)] if args.variants else \
+        [(p, r, s) for r in args.reductions for p in args.plans for s in args.stages]
     weights = None
-    for reduction in args.reductions:
-        for plan in args.plans:
-            if plan == "auto" and weights is None:
-                sens_ids = calibration_batches(tok, split.calibration, n_seqs=8, seq_len=256, seed=1)
-                weights = weights_of(fisher_sensitivities(model, groups, facts, sens_ids, progress=False))
-            ranks = plan_ranks(groups, total, plan, reduction, curves, weights)
-            for stage in args.stages:
-                rec = run_variant(model, tok, split, proto, groups, facts, ranks, ids, stage, total, linear)
-                rec["seconds"] = round(rec["seconds"] + one_shot_seconds, 1)  # the plan needs the dense stats
-                rec.update(base, plan=plan, target_param_reduction=reduction,
-                           ppl_increase=round(rec["ppl"] / dense - 1, 4))
-                print(json.dumps(rec), flush=True)
-                merge_records(args.results, [rec], protocol)
+    for plan, reduction, stage in variants:
+        if plan == "auto" and weights is None:
+            sens_ids = calibration_batches(tok, split.calibration, n_seqs=8, seq_len=256, seed=1)
+            weights = weights_of(fisher_sensitivities(model, groups, facts, sens_ids, progress=False))
+        ranks = plan_ranks(groups, total, plan, reduction, curves, weights)
+        rec = run_variant(model, tok, split, proto, groups, facts, ranks, ids, stage, total, linear)
+        rec["seconds"] = round(rec["seconds"] + one_shot_seconds, 1)  # the plan needs the dense stats
+        rec.update(base, plan=plan, target_param_reduction=reduction, ppl_increase=round(rec["ppl"] / dense - 1, 4))
+        print(json.dumps(rec), flush=True)
+        merge_records(args.results, [rec], protocol)
 
 
 def plan_ranks(groups: list, total: int, plan: str, reduction: float, curves: dict,

@@ -61,16 +61,18 @@ class PairMoments:
                            self.compressed + other.compressed, self.n_tokens + other.n_tokens)
 
 
-def top_basis(w: torch.Tensor, m_sym: torch.Tensor, rank: int) -> torch.Tensor:
+def top_basis(w: torch.Tensor, m_sym: torch.Tensor, rank: int,
+              qr: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Orthonormal ``U`` (m x rank): top eigenvectors of ``w M w^T`` for any symmetric ``M`` (d x d), solved on
-    the smaller side (for m > d via ``w = Q R``: eigenvectors ``Q V`` with ``V`` those of ``R M R^T``)."""
+    the smaller side (for m > d via ``w = Q R``: eigenvectors ``Q V`` with ``V`` those of ``R M R^T``; pass
+    ``qr`` to reuse one factorization of ``w``)."""
     m, d = w.shape
     m_sym = 0.5 * (m_sym + m_sym.T)
     if m <= d:
         c = w @ m_sym @ w.T
         _, v = torch.linalg.eigh(0.5 * (c + c.T))
         return v.flip(1)[:, :rank]
-    q, r = torch.linalg.qr(w)
+    q, r = qr if qr is not None else torch.linalg.qr(w)
     c = r @ m_sym @ r.T
     _, v = torch.linalg.eigh(0.5 * (c + c.T))
     return q @ v.flip(1)[:, :rank]
@@ -102,7 +104,9 @@ def fit_candidate(w: torch.Tensor, mom: PairMoments, rank: int, name: str, up_al
         raise LordError(f"unknown compensation candidate {name!r}; expected one of {candidate_names()}")
     bases = {} if bases is None else bases
     if base not in bases:
-        bases[base] = top_basis(w, grams[base], rank)
+        if w.shape[0] > w.shape[1] and "_qr" not in bases:
+            bases["_qr"] = torch.linalg.qr(w)
+        bases[base] = top_basis(w, grams[base], rank, bases.get("_qr"))
     u = bases[base]
     down = u.T @ w
     return (refit_up(w, mom, u, down, up_alpha) if refit else u), down
@@ -146,5 +150,6 @@ def compensate(w: torch.Tensor, fit: PairMoments, val: PairMoments, rank: int,
     errors = {name: dense_target_error(w, val, *fit_candidate(w, fit, rank, name, up_alpha, bases))
               for name in names}
     chosen = min(errors, key=errors.get)
-    up, down = fit_candidate(w, fit + val, rank, chosen, up_alpha)
+    reuse = {"_qr": bases["_qr"]} if "_qr" in bases else {}  # the QR of w only: the moments change
+    up, down = fit_candidate(w, fit + val, rank, chosen, up_alpha, reuse)
     return Compensation(up.float(), down.float(), chosen, errors)
