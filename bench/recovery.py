@@ -7,7 +7,7 @@ stdlib held-out split, 8 x 512). Writes bench/results/recovery.json (curves, ste
 recovered-kd / recovered-sft records of bench/results/quality.json.
 
 Run: OMP_NUM_THREADS=2 flock /tmp/lord-heavy.lock .venv/bin/python bench/recovery.py \
-         --lord /tmp/h14kd/lord10 --budget-minutes 8
+         --lord /tmp/h14kd/lord10 --budget-minutes 7
 """
 
 from __future__ import annotations
@@ -45,13 +45,33 @@ def measure(spec: str, files: list[Path]) -> dict[str, float]:
     return out
 
 
+def blockwise_run(args: argparse.Namespace, files: list[Path], dense: dict, lord: dict) -> tuple[dict, dict]:
+    """(B) the LoRD factors themselves refined layer by layer against the dense layers (float, no LoRA)."""
+    from finetune.blockwise import BlockwiseConfig, blockwise_to_dir
+
+    out = args.work / f"blockwise-{args.budget_minutes:g}min"
+    cfg = BlockwiseConfig(budget_minutes=args.budget_minutes, lr=args.blockwise_lr, budget_clock="process")
+    t0 = time.perf_counter()
+    report = blockwise_to_dir(args.lord, out, cfg, n_seqs=64, seq_len=256, progress=False)
+    wall = time.perf_counter() - t0
+    after = measure(str(out), files)
+    print("blockwise", {k: report[k] for k in ("budget_seconds", "seconds", "n_tokens")}, after)
+    rec = {"stage": "recovered-blockwise", "params": after["params"], "ppl": after["ppl"],
+           "ppl_increase": after["ppl"] / dense["ppl"] - 1, "seconds": report["budget_seconds"]}
+    det = {"objective": "blockwise", "budget_minutes": args.budget_minutes, "budget_clock": "process",
+           "lr": args.blockwise_lr, "ppl_lord": lord["ppl"], "ppl_after": after["ppl"], "ppl_dense": dense["ppl"],
+           "stage_wall_seconds": wall, **report}
+    return rec, det
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dense", default="qwen2.5-coder-0.5b")
     ap.add_argument("--lord", required=True, help="LoRD checkpoint dir (its lord_artifact.json names the dense source)")
     ap.add_argument("--plan", default="uniform")
-    ap.add_argument("--budget-minutes", type=float, default=8.0)
-    ap.add_argument("--objectives", nargs="+", default=["kd", "sft"])
+    ap.add_argument("--budget-minutes", type=float, default=7.0)
+    ap.add_argument("--objectives", nargs="+", default=["kd", "sft", "blockwise"])
+    ap.add_argument("--blockwise-lr", type=float, default=1e-4)
     ap.add_argument("--work", type=Path, default=Path("/tmp/h14kd/recovery"))
     ap.add_argument("--lr", type=float, default=3e-4)
     args = ap.parse_args()
@@ -72,11 +92,16 @@ def main() -> None:
               "pass_at_1": None, "n_problems": 0}
     records, details = [], []
     for objective in args.objectives:
+        if objective == "blockwise":
+            rec, det = blockwise_run(args, files, dense, lord)
+            records.append({**common, **rec})
+            details.append(det)
+            continue
         cfg = FinetuneConfig(
             objective=objective, budget_minutes=args.budget_minutes, budget_clock="process", steps=None,
             base="nf4", max_seq_len=256, micro_batch_size=2, grad_accum_steps=2, lr=args.lr,
             warmup_steps=4, eval_every=25, early_stop_patience=0, lora_r=16, lora_alpha=32,
-            n_eval=8, kd_n_seqs=136, kd_top_k=32, n_examples=800)
+            n_eval=8, kd_n_seqs=72, kd_top_k=32, n_examples=800)
         out = args.work / f"{objective}-{args.budget_minutes:g}min"
         t0 = time.perf_counter()
         m = finetune_in_subprocess(args.lord, cfg, out, threads=None, progress=False)

@@ -107,7 +107,7 @@ def _run_loop(model: nn.Module, stream: Iterator[Any], objective: Objective, eva
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     budget = cfg.budget_minutes * 60.0 if cfg.budget_minutes else None
     max_steps = cfg.steps or 10**9
-    clock = _Clock(cfg.budget_clock)
+    clock = Clock(cfg.budget_clock)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg, clock.elapsed()))
 
     clock.start()
@@ -186,7 +186,7 @@ def _run_loop(model: nn.Module, stream: Iterator[Any], objective: Objective, eva
                        budget_stop=budget_stop, train_seconds=clock.elapsed(), step_elapsed=elapsed, step_lr=lrs)
 
 
-class _Clock:
+class Clock:
     """Seconds since the loop started (0 before), read by the budget and the time-aware schedule. ``wall``:
     elapsed time; ``process``: this process's CPU seconds / torch threads, i.e. the wall time it would have
     taken alone on the machine, so runs compared at one budget get the same compute on a shared CPU."""
