@@ -17,10 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from artifacts.errors import PipelineError
+
 MANIFEST = "MANIFEST.json"
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(PipelineError):
     """An artifact directory is missing, incomplete or corrupt."""
 
 
@@ -71,6 +73,25 @@ def verify_manifest(directory: Path, full: bool = True) -> None:
             )
         if full and sha256_file(p) != meta["sha256"]:
             raise ArtifactError(f"{p} does not match its checksum (corrupt); delete {directory} and rerun.")
+
+
+def check_manifest(directory: Path) -> None:
+    """Before loading a model directory: if it carries a manifest, its files must all be there at their recorded
+    sizes (ArtifactError naming the file otherwise); a plain directory without one passes."""
+    if (Path(directory) / MANIFEST).is_file():
+        verify_manifest(directory, full=False)
+
+
+def content_digest(directory: Path, volatile: frozenset[str] = frozenset({"metrics.json"})) -> str:
+    """Digest of an artifact's content from its manifest (``volatile`` files, e.g. timings, left out, so a
+    bit-identical recompute keeps its digest); of every file's checksum for a directory without one."""
+    directory = Path(directory)
+    mpath = directory / MANIFEST
+    if mpath.is_file():
+        entries = json.loads(mpath.read_text())
+        return sha256_json({k: v["sha256"] for k, v in entries.items() if k not in volatile})
+    files = sorted(f for f in directory.rglob("*") if f.is_file())
+    return sha256_json({str(f.relative_to(directory)): sha256_file(f) for f in files})
 
 
 def is_complete(directory: Path) -> bool:

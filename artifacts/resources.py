@@ -9,8 +9,10 @@ import os
 import shutil
 from pathlib import Path
 
+from artifacts.errors import PipelineError
 
-class ResourceError(RuntimeError):
+
+class ResourceError(PipelineError):
     """Not enough memory or disk for the requested work; the message gives the numbers and a fix."""
 
 

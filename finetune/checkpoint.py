@@ -10,31 +10,66 @@ Layout of an artifact directory written by ``finetune_to_dir``::
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import FinetuneError
+from artifacts import content_digest
+from artifacts.errors import PipelineError
+from sources.artifact import read_artifact_meta
 
-ARTIFACT_FILE = "lord_artifact.json"
-LOADER = "finetune.checkpoint:load_finetuned"
+from .errors import FinetuneError
 
 
 def read_artifact(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / ARTIFACT_FILE
-    if not path.is_file():
-        raise FinetuneError(f"{directory} has no {ARTIFACT_FILE}: not a fine-tuning artifact (run finetune_to_dir).")
-    meta = json.loads(path.read_text())
-    if meta.get("kind") != "adapter":
-        raise FinetuneError(f"{path} says kind={meta.get('kind')!r}; expected 'adapter'.")
+    meta = read_artifact_meta(Path(directory))
+    if meta is None or meta["kind"] != "adapter":
+        raise FinetuneError(f"{directory} is {'a plain model' if meta is None else 'a ' + meta['kind'] + ' artifact'}"
+                            ", not a fine-tuning artifact (write one with finetune_to_dir).")
     return meta
+
+
+def base_reference(base_dir: Path | str, out_dir: Path, source: str) -> dict[str, Any]:
+    """How an adapter finds its base again after being moved: the base's path relative to the adapter dir,
+    the base's content digest (to check the right base was found), and ``source`` (the spec the user gave:
+    an embedded or hub name resolves anywhere)."""
+    if not isinstance(base_dir, Path):  # a hub id: the name is the reference
+        return {"source": source, "relative": None, "digest": None}
+    return {"source": source, "relative": os.path.relpath(base_dir.resolve(), Path(out_dir).resolve()),
+            "digest": content_digest(base_dir)}
+
+
+def resolve_base(directory: Path, meta: dict[str, Any]) -> Path | str:
+    """The base of an adapter artifact: the recorded relative path if it still holds the same content, else
+    the recorded source spec if that resolves to the same content; FinetuneError naming the digest otherwise."""
+    from sources.models import resolve_model_dir
+
+    # artifacts written before relocatable references recorded only the absolute base_dir
+    ref = meta.get("base") or {"source": meta.get("base_dir"), "relative": None, "digest": None}
+    tried = []
+    if ref.get("relative") is not None:
+        cand = (Path(directory) / ref["relative"]).resolve()
+        if cand.is_dir() and content_digest(cand) == ref["digest"]:
+            return cand
+        tried.append(str(cand))
+    try:
+        cand = resolve_model_dir(ref["source"])
+    except PipelineError:
+        cand = None
+    if cand is not None and (not isinstance(cand, Path) or ref["digest"] is None
+                             or content_digest(cand) == ref["digest"]):
+        return cand
+    tried.append(str(ref["source"]))
+    raise FinetuneError(f"{directory}: its base model (content digest {ref['digest']}) is not at {tried}; copy the "
+                        "base artifact next to the adapter as it was when trained (same relative path), or "
+                        "re-run the finetune stage.")
 
 
 def load_finetuned(directory: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
                    **kwargs: Any) -> tuple[torch.nn.Module, Any]:
-    """``(model, tokenizer)`` in eval mode, as ``sources.load_model`` expects of a loader."""
+    """``(model, tokenizer)`` in eval mode (the ``adapter`` kind's loader in sources/artifact.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(directory)
@@ -53,7 +88,7 @@ def load_finetuned(directory: str | Path, device: str = "cpu", dtype: torch.dtyp
 
         from . import gptq_lora
 
-        base, _ = load_model(meta["base_dir"], device=device, dtype=dtype)
+        base, _ = load_model(str(resolve_base(directory, meta)), device=device, dtype=dtype)
         gptq_lora.prepare_quant_linears(base, cache=True)  # inference: dequantize each layer once
         config = LoraConfig.from_pretrained(str(directory / "adapter"))
         gptq_lora.register(config)
@@ -61,6 +96,7 @@ def load_finetuned(directory: str | Path, device: str = "cpu", dtype: torch.dtyp
     else:
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(meta["base_dir"], dtype=dtype, trust_remote_code=remote, **kwargs)
+        base = AutoModelForCausalLM.from_pretrained(resolve_base(directory, meta), dtype=dtype,
+                                                    trust_remote_code=remote, **kwargs)
         model = PeftModel.from_pretrained(base, str(directory / "adapter"))
     return model.to(device).eval(), tok

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from artifacts.errors import PipelineError
 
-class FinetuneError(ValueError):
+
+class FinetuneError(PipelineError):
     """Bad fine-tuning input: data file, model without targetable projections, or an invalid config."""

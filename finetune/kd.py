@@ -70,17 +70,19 @@ def resolve_teacher(model: str | Path, cfg: FinetuneConfig) -> str:
     """The configured teacher, else the dense model ``model`` was compressed from: follow each artifact's
     ``lord_artifact.json`` ``source`` (GPTQ -> LoRD -> dense) until a plain model; a dense input is its own
     teacher (recovering what the 4-bit base lost)."""
+    from sources.artifact import read_artifact_meta
+
     if cfg.teacher:
         return cfg.teacher
     current = str(model)
     for _ in range(MAX_SOURCE_HOPS):
-        meta = Path(current) / "lord_artifact.json"
-        if not meta.is_file():
+        info = read_artifact_meta(Path(current)) if Path(current).is_dir() else None
+        if info is None:
             return current
-        info = json.loads(meta.read_text())
         source = info.get("source") or info.get("base_dir")
         if not source:
-            raise FinetuneError(f"{meta} names no source model; pass FinetuneConfig.teacher (the dense model).")
+            raise FinetuneError(f"{current}'s artifact record names no source model; pass FinetuneConfig.teacher "
+                                "(the dense model).")
         current = str(source)
     raise FinetuneError(f"{model}: more than {MAX_SOURCE_HOPS} artifacts in its source chain; pass teacher=.")
 

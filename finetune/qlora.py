@@ -9,12 +9,13 @@ adapts both: the memory saved by factoring carries into fine-tuning.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from sources.artifact import artifact_kind
 
 from . import gptq_lora
 from .config import FinetuneConfig
@@ -22,17 +23,6 @@ from .errors import FinetuneError
 
 FACTOR_CHILDREN = ("down", "up")
 NEVER_TARGET = ("lm_head", "embed_tokens", "wte", "wpe")
-
-
-def artifact_kind(model_dir: Path) -> str:
-    """``lord_artifact.json`` kind of a directory, "dense" for a plain HF directory."""
-    meta = Path(model_dir) / "lord_artifact.json"
-    if not meta.is_file():
-        return "dense"
-    try:
-        return str(json.loads(meta.read_text()).get("kind", "dense"))
-    except json.JSONDecodeError as e:
-        raise FinetuneError(f"{meta} is not valid JSON ({e}); regenerate that artifact.") from e
 
 
 def bnb_config(cfg: FinetuneConfig) -> Any:
@@ -59,8 +49,8 @@ def load_base(model_dir: Path, cfg: FinetuneConfig) -> tuple[nn.Module, Any]:
     model_dir = Path(model_dir)
     kind = artifact_kind(model_dir)
     if kind == "adapter":
-        raise FinetuneError(f"{model_dir} is a fine-tuned adapter artifact; pass its merged model "
-                            f"({model_dir / 'merged'}) to fine-tune it further.")
+        raise FinetuneError(f"{model_dir} is a fine-tuned adapter artifact; fine-tuning on top of one is not "
+                            "supported: fine-tune its base model again (more steps or other data) instead.")
     tok = AutoTokenizer.from_pretrained(model_dir)
     kwargs: dict[str, Any] = {"trust_remote_code": kind == "lord", "device_map": {"": cfg.device}}
     if kind == "gptq":

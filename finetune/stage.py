@@ -7,7 +7,6 @@ per-step loss curve (+ loss_curve.png), peak memory, seconds per step.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -16,16 +15,16 @@ from typing import Any
 import torch
 
 from artifacts import atomic_dir, write_json_atomic
+from sources.artifact import ARTIFACT_FILE, artifact_kind, read_artifact_meta, write_artifact_meta
 
 from . import memory
-from .checkpoint import ARTIFACT_FILE, LOADER
+from .checkpoint import base_reference
 from .config import FinetuneConfig
 from .curves import plot_curve
 from .data import load_instructions, tokenize_split, validate_jsonl
 from .kd import kd_windows, resolve_teacher, teacher_targets, train_kd
 from .merge import merge_to_float
 from .qlora import (
-    artifact_kind,
     attach_lora,
     load_base,
     quantized_weight_bytes,
@@ -88,7 +87,7 @@ def finetune_to_dir(model: str, cfg: FinetuneConfig, out_dir: Path, progress: bo
                  "n_truncated": split.n_truncated, "n_dropped": split.n_dropped}
     train_peak = memory.peak_rss_mb()
     metrics: dict[str, Any] = {
-        "model": str(model), "base_dir": str(model_dir), "base_kind": kind, "base_quant": cfg.base,
+        "model": str(model), "base_dir": str(model_dir), "base_kind": kind, **base_quant(kind, Path(model_dir), cfg),
         "objective": cfg.objective,
         **describe(result),
         "train_loss_reduction": result.train_loss_first - result.train_loss_last,
@@ -114,12 +113,12 @@ def finetune_to_dir(model: str, cfg: FinetuneConfig, out_dir: Path, progress: bo
             del float_model
         else:
             shutil.copy2(Path(model_dir) / "config.json", tmp / "config.json")  # so the dir reads as a model
-        base_meta = _base_artifact(Path(model_dir))
-        write_json_atomic(tmp / ARTIFACT_FILE, {
-            "kind": "adapter", "loader": LOADER, "source": str(model), "base_dir": str(model_dir),
-            "base_kind": kind, "base_artifact": base_meta, "merged": merged, "trust_remote_code": remote,
-            "adapter": "adapter", "data_sha256": data_meta["sha256"], "config": cfg.to_dict(),
-        })
+        write_artifact_meta(
+            tmp, "adapter", source=str(model), base=base_reference(model_dir, Path(out_dir), str(model)),
+            base_kind=kind, base_artifact=read_artifact_meta(Path(model_dir)) if kind != "dense" else None,
+            merged=merged, trust_remote_code=remote, adapter="adapter", data_sha256=data_meta["sha256"],
+            config=cfg.to_dict(),
+        )
         write_json_atomic(tmp / "finetune_config.json", cfg.to_dict())
         plot_curve(result, tmp / "loss_curve.png", title=f"{cfg.objective} recovery of {Path(str(model)).name}")
         metrics["total_seconds"] = time.perf_counter() - t_start
@@ -127,9 +126,16 @@ def finetune_to_dir(model: str, cfg: FinetuneConfig, out_dir: Path, progress: bo
     return metrics
 
 
-def _base_artifact(model_dir: Path) -> dict[str, Any] | None:
-    path = model_dir / ARTIFACT_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+def base_quant(kind: str, model_dir: Path, cfg: FinetuneConfig) -> dict[str, Any]:
+    """What the frozen base actually was during training: a GPTQ artifact keeps its own integer weights
+    (``cfg.base`` and ``double_quant`` do not apply); otherwise NF4 (with or without double quantization)
+    or float, as configured."""
+    if kind == "gptq":
+        qcfg = (read_artifact_meta(model_dir) or {}).get("config", {})
+        return {"base_quant": "gptq", "base_bits": qcfg.get("bits"), "base_group_size": qcfg.get("group_size")}
+    if cfg.base == "nf4":
+        return {"base_quant": "nf4", "double_quant": cfg.double_quant}
+    return {"base_quant": cfg.base}
 
 
 def _copy_base_extras(model_dir: Path, out: Path) -> None:

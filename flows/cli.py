@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from artifacts.errors import PipelineError
 from flows.errors import FlowError
 from flows.presets import OPTIONAL_STAGES, PRESETS, STAGES, SUPPORTED_BITS
 from sources.compute import DTYPE_CHOICES
@@ -39,12 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except FlowError as e:
         print(f"lord: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # library errors (LordError, QuantError, ...) carry their own fix
-        if type(e).__name__.endswith("Error") and type(e).__module__.split(".")[0] in (
-                "lord", "quant", "finetune", "evaluation", "sources", "artifacts", "vocab"):
-            print(f"lord: error: {type(e).__name__}: {e}", file=sys.stderr)
-            return 2
-        raise
+    except PipelineError as e:  # library errors (LordError, QuantError, ...) carry their own fix
+        print(f"lord: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
 
 
 def _parser() -> argparse.ArgumentParser:

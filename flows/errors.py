@@ -1,7 +1,10 @@
 """The one exception type of the flows package."""
 
 
-class FlowError(ValueError):
+from artifacts.errors import PipelineError
+
+
+class FlowError(PipelineError):
     """Bad pipeline input or a broken orchestration precondition.
 
     Messages say what was given, what was expected and what to do.

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from artifacts import MANIFEST, atomic_dir, sha256_file, sha256_json, write_json_atomic
+from artifacts import MANIFEST, atomic_dir, content_digest, sha256_file, sha256_json, write_json_atomic
 from flows import faults
 from flows.errors import FlowError
 
@@ -43,14 +43,13 @@ REGISTRY: dict[str, StageSpec] = {
 # Packages whose code shapes each stage's artifact (evaluation loads every artifact kind, so all loaders).
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "vocab": ("vocab", "sources", "artifacts"),
-    "calibrate": ("lord", "sources", "artifacts"),
-    "decompose": ("lord", "sources", "artifacts"),
-    "quantize": ("quant", "lord", "sources", "artifacts"),
-    "finetune": ("finetune", "quant", "lord", "sources", "artifacts"),
-    "evaluate": ("evaluation", "finetune", "quant", "lord", "sources", "artifacts"),
+    "calibrate": ("lord", "forward", "sources", "artifacts"),
+    "decompose": ("lord", "forward", "sources", "artifacts"),
+    "quantize": ("quant", "lord", "forward", "sources", "artifacts"),
+    "finetune": ("finetune", "quant", "lord", "forward", "sources", "artifacts"),
+    "evaluate": ("evaluation", "finetune", "quant", "lord", "forward", "sources", "artifacts"),
 }
 STATS_FILE = "stats.safetensors"
-VOLATILE_FILES = {"metrics.json"}
 
 
 def _import(ref: str, stage: str) -> Any:
@@ -83,13 +82,7 @@ def content_hash(model: str) -> str:
     digest, or (for an embedded/hub name, pinned by its package version) the name itself."""
     p = Path(model)
     if p.is_dir():
-        manifest = p / MANIFEST
-        if manifest.is_file():
-            # metrics.json holds timings: a bit-identical recomputed model must keep downstream keys stable
-            entries = json.loads(manifest.read_text())
-            return sha256_json({k: v["sha256"] for k, v in entries.items() if k not in VOLATILE_FILES})
-        files = sorted(f for f in p.rglob("*") if f.is_file())
-        return sha256_json({str(f.relative_to(p)): sha256_file(f) for f in files})
+        return content_digest(p)  # manifest digest without metrics.json (timings)
     if p.is_file():
         manifest = p.parent / MANIFEST  # a file inside an artifact: its checksum is already on record
         entries = json.loads(manifest.read_text()) if manifest.is_file() else {}

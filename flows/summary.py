@@ -3,7 +3,6 @@ by ``lord run`` (from the flow's return value) and ``lord compare`` (from MLflow
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +32,21 @@ def short_params(cfg: dict[str, Any]) -> str:
 
 def adapter_base_mb(model: str) -> float:
     """An adapter artifact is deployed with its frozen base: the base's weight bytes (MB), else 0."""
-    meta = Path(model) / "lord_artifact.json"
-    if not meta.is_file():
+    from finetune import FinetuneError
+    from finetune.checkpoint import resolve_base
+    from sources.artifact import read_artifact_meta
+
+    p = Path(model)
+    info = read_artifact_meta(p) if p.is_dir() else None
+    if info is None or info["kind"] != "adapter":
         return 0.0
-    info = json.loads(meta.read_text())
-    base = Path(info.get("base_dir") or "")
-    if info.get("kind") != "adapter" or not base.is_dir():
+    try:
+        base = resolve_base(p, info)
+    except FinetuneError:  # the base moved away: nothing to count
         return 0.0
-    return sum(p.stat().st_size for p in base.rglob("*") if p.suffix in {".safetensors", ".bin"}) / 2**20
+    if not isinstance(base, Path):
+        return 0.0
+    return sum(f.stat().st_size for f in base.rglob("*") if f.suffix in {".safetensors", ".bin"}) / 2**20
 
 
 def summary_rows(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:

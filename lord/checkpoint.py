@@ -44,7 +44,8 @@ def save_factored(model: nn.Module, tokenizer: Any, out_dir: Path, groups: dict,
 
 def load_factored(directory: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
                   **kwargs: Any) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` of a factored checkpoint dir (the loader named in ``lord_artifact.json``)."""
+    """``(model, tokenizer)`` of a factored checkpoint dir (kind ``lord``; ``sources.load_model`` checks the
+    manifest before calling it)."""
     from transformers import AutoTokenizer
 
     directory = Path(directory)
@@ -56,13 +57,6 @@ def load_factored(directory: str | Path, device: str = "cpu", dtype: torch.dtype
         raise LordError(f"{directory}/config.json has model_type {cfg.get('model_type')!r} and "
                         f"{'a' if 'lord' in cfg else 'no'} `lord` rank map; expected a LoRD checkpoint of one "
                         f"of {sorted(modeling_lord.LORD_CLASSES)}")
-    if (directory / "MANIFEST.json").is_file():
-        from artifacts import ArtifactError, verify_manifest
-
-        try:
-            verify_manifest(directory, full=False)
-        except ArtifactError as e:
-            raise LordError(str(e)) from e
     cls = modeling_lord.LORD_CLASSES[cfg["model_type"]]
     model = cls.from_pretrained(directory, dtype=dtype or torch.float32, **kwargs).to(device).eval()
     tok = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").is_file() else None

@@ -55,6 +55,7 @@ def collect_stats_to_file(model: str, out: Path, cfg: CalibConfig) -> dict:
 def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Path) -> dict:
     """Factor ``model`` with the statistics file (or dir holding it) and write a loadable checkpoint dir."""
     from sources import calibration_batches, code_split, load_model
+    from sources.artifact import write_artifact_meta
 
     stats = Path(stats)
     if stats.is_dir():
@@ -100,9 +101,7 @@ def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Pat
                     for k, v in report.sensitivities.items()}
             (tmp / "sensitivity.json").write_text(json.dumps(sens, indent=2, sort_keys=True))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        (tmp / "lord_artifact.json").write_text(json.dumps(
-            {"kind": "lord", "loader": "lord.checkpoint:load_factored", "source": str(model), **info},
-            indent=2, sort_keys=True))
+        write_artifact_meta(tmp, "lord", source=str(model), **info)
     return metrics
 
 

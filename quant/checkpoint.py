@@ -105,13 +105,6 @@ def load_quantized(
     path = Path(path)
     if not (path / LAYOUT).is_file() or not (path / WEIGHTS).is_file():
         raise QuantError(f"{path} has no {LAYOUT} / {WEIGHTS}: not a quantized checkpoint written by quant/.")
-    if (path / "MANIFEST.json").is_file():
-        from artifacts import ArtifactError, verify_manifest
-
-        try:
-            verify_manifest(path, full=False)
-        except ArtifactError as e:
-            raise QuantError(str(e)) from e
     layout = json.loads((path / LAYOUT).read_text())
     dtype = dtype or (torch.float32 if str(device).startswith("cpu") else torch.bfloat16)
     config = AutoConfig.from_pretrained(path)

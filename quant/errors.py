@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from artifacts.errors import PipelineError
 
-class QuantError(ValueError):
+
+class QuantError(PipelineError):
     """Bad quantization input: the message says what was given, what was expected and what to do."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +10,12 @@ from quant.checkpoint import save_quantized
 from quant.config import QuantConfig
 from quant.sequential import quantize_model
 
-LOADER = "quant.checkpoint:load_quantized"
-
 
 def quantize_to_dir(model: str, cfg: QuantConfig, out_dir: Path) -> dict[str, Any]:
     """Load ``model`` (anything ``sources.load_model`` accepts), quantize it, and write the checkpoint,
     ``metrics.json`` and ``lord_artifact.json`` atomically into ``out_dir``; return the metrics."""
     from sources import calibration_batches, code_split, load_model
+    from sources.artifact import write_artifact_meta
 
     m, tok = load_model(model, device="cpu")
     ids = None
@@ -36,13 +34,9 @@ def quantize_to_dir(model: str, cfg: QuantConfig, out_dir: Path) -> dict[str, An
             "n_params": sum(p.numel() for p in m.parameters()),
         }
         write_json_atomic(tmp / "metrics.json", metrics)
-        (tmp / "lord_artifact.json").write_text(json.dumps({
-            "kind": "gptq",
-            "loader": LOADER,
-            "source": str(model),
-            "factored": bool(getattr(m.config, "lord", None)),
-            "config": cfg.to_dict(),
-            "calibration": None if split is None else {"digest": split.digest, "n_seqs": cfg.n_seqs,
-                                                       "seq_len": cfg.seq_len, "seed": cfg.seed},
-        }, indent=2, sort_keys=True))
+        write_artifact_meta(
+            tmp, "gptq", source=str(model), factored=bool(getattr(m.config, "lord", None)), config=cfg.to_dict(),
+            calibration=None if split is None else {"digest": split.digest, "n_seqs": cfg.n_seqs,
+                                                    "seq_len": cfg.seq_len, "seed": cfg.seed},
+        )
     return metrics

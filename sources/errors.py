@@ -1,5 +1,8 @@
 """The one exception type of `sources`."""
 
 
-class SourceError(ValueError):
+from artifacts.errors import PipelineError
+
+
+class SourceError(PipelineError):
     """A model, corpus or data spec that cannot be resolved; the message says what was given and what to do."""

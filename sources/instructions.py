@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import SourceError
+
 # Pure-Python packages our own dependencies pull in (torch -> networkx, sympy, mpmath, jinja2, fsspec;
 # pandas -> dateutil; ...), so they are installed wherever this project is.
 DEFAULT_PACKAGES: tuple[str, ...] = (
@@ -29,7 +31,7 @@ DEFAULT_PACKAGES: tuple[str, ...] = (
 )
 
 
-class InstructionDataError(ValueError):
+class InstructionDataError(SourceError):
     """Instruction data could not be built from the requested packages."""
 
 

@@ -1,14 +1,13 @@
 """One front door for models: ``load_model(spec) -> (model, tokenizer)``.
 
 ``spec`` is an embedded name (``qwen2.5-coder-0.5b``, ``smollm2-135m``), a local HF directory, a pipeline
-artifact directory (its ``lord_artifact.json`` names the loader), a ``.gguf`` file, or a hub id passed to
+artifact directory (its ``lord_artifact.json`` kind picks the loader, sources/artifact.py), a ``.gguf`` file, or a hub id passed to
 transformers untouched. GGUF models are dequantized once into a cached safetensors directory (GGUF load
 15-40 s; the cached copy ~1-2 s), written atomically so a killed conversion leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -17,13 +16,12 @@ from typing import Any
 
 import torch
 
-from artifacts import ArtifactError, atomic_dir, verify_manifest
+from artifacts import ArtifactError, atomic_dir, check_manifest, verify_manifest
 from artifacts.resources import check_disk, check_memory
 
+from .artifact import artifact_kind, loader_for
 from .embedded import EMBEDDED, assemble_gguf, part_path
 from .errors import SourceError
-
-ARTIFACT_FILE = "lord_artifact.json"
 
 
 def cache_root() -> Path:
@@ -83,25 +81,21 @@ def load_model(spec: str | os.PathLike, device: str | None = "cpu", dtype: torch
     if isinstance(where, Path) and dev.type == "cpu":
         # weights are loaded once, plus transient copies while loading: 1.5x the float32 size on disk
         check_memory(int(1.5 * weights_bytes(where)), f"loading '{spec}'")
-    if isinstance(where, Path) and (where / ARTIFACT_FILE).is_file():
-        meta = json.loads((where / ARTIFACT_FILE).read_text())
-        loader = meta.get("loader")
-        if loader and loader != "sources.models:load_hf_dir":
-            mod, _, fn = loader.partition(":")
-            return getattr(importlib.import_module(mod), fn)(where, device=str(dev), dtype=dtype, **kwargs)
-    return load_hf_dir(where, device=str(dev), dtype=dtype, **kwargs)
+    if not isinstance(where, Path):
+        return load_hf_dir(where, device=str(dev), dtype=dtype, **kwargs)
+    kind = artifact_kind(where)  # refuses an unknown kind before importing anything
+    try:
+        check_manifest(where)
+    except ArtifactError as e:
+        raise SourceError(f"cannot load '{spec}': {e}") from e
+    return loader_for(kind)(where, device=str(dev), dtype=dtype, **kwargs)
 
 
 def load_hf_dir(where: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32,
                 **kwargs: Any) -> tuple[torch.nn.Module, Any]:
-    """Plain transformers loading of a local dir or hub id; a manifest, if present, is checked first."""
+    """Plain transformers loading of a local dir or hub id (the ``dense`` kind's loader)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if isinstance(where, Path) and (where / "MANIFEST.json").is_file():
-        try:
-            verify_manifest(where, full=False)
-        except ArtifactError as e:
-            raise SourceError(str(e)) from e
     try:
         tok = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from finetune import FinetuneConfig, FinetuneError, finetune_to_dir, load_finetuned, target_module_names
 from finetune.data import load_instructions, tokenize_split, validate_jsonl
 from finetune.qlora import attach_lora, load_base
+from sources.artifact import write_artifact_meta
 
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
 
@@ -57,9 +58,10 @@ def test_stage_trains_saves_and_merges(tiny_dir, data_file, tmp_path):
     out = tmp_path / "ft"
     metrics = finetune_to_dir(str(tiny_dir), small_cfg(data_file), out, progress=False)
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    assert metrics["base_quant"] == "nf4" and metrics["double_quant"] is True
     assert metrics["steps_done"] == 8 and metrics["seconds_per_step"] > 0
     assert (out / "adapter" / "adapter_config.json").is_file()
-    assert json.loads((out / "lord_artifact.json").read_text())["loader"] == "finetune.checkpoint:load_finetuned"
+    assert json.loads((out / "lord_artifact.json").read_text())["kind"] == "adapter"
     # the merged float model computes what the NF4 + LoRA model computed
     base, tok = load_base(tiny_dir, small_cfg(data_file))
     from peft import PeftModel
@@ -121,7 +123,7 @@ def tiny_lord_dir(tiny_llama, calib_ids, tmp_path) -> Path:
                                                                 rank_reduction=0.5), progress=False)
     d = tmp_path / "tiny_lord"
     save_factored(tiny_llama, char_tokenizer(), d, report.groups, {"method": "lord"})
-    (d / "lord_artifact.json").write_text(json.dumps({"kind": "lord", "loader": "lord.checkpoint:load_factored"}))
+    write_artifact_meta(d, "lord")
     return d
 
 
@@ -142,7 +144,7 @@ def test_lord_base_factors_are_quantized_and_adapted(tiny_lord_dir, data_file, t
     out = tmp_path / "ft_lord"
     metrics = finetune_to_dir(str(tiny_lord_dir), cfg, out, progress=False)
     assert metrics["base_kind"] == "lord" and metrics["eval_loss_after"] < metrics["eval_loss_before"]
-    merged, tok = load_model(str(out))  # through lord_artifact.json -> finetune.checkpoint:load_finetuned
+    merged, tok = load_model(str(out))  # kind "adapter" -> finetune.checkpoint:load_finetuned
     assert any(isinstance(m, LowRankLinear) or type(m).__name__ == "LowRankLinear" for m in merged.modules())
     from peft import PeftModel
 
@@ -197,6 +199,8 @@ def test_lora_on_gptq_base(tiny_dir, data_file, tmp_path):
     out = tmp_path / "ft_gptq"
     metrics = finetune_to_dir(str(qdir), cfg, out, progress=False)
     assert metrics["base_kind"] == "gptq" and metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    # the record says what ran: the GPTQ base's own 4-bit weights, not NF4 (double_quant does not apply)
+    assert metrics["base_quant"] == "gptq" and metrics["base_bits"] == 4 and "double_quant" not in metrics
     reloaded, tok = load_model(str(out))
     ids = tok(["def f():\n    return 2 + 2"], return_tensors="pt")["input_ids"]
     plain, _ = load_model(str(qdir))
@@ -205,6 +209,20 @@ def test_lora_on_gptq_base(tiny_dir, data_file, tmp_path):
     # inference on the reloaded adapter model dequantizes each base layer once, not at every call/token
     bases = [m for m in reloaded.modules() if isinstance(m, QuantLinear)]
     assert bases and all(m.cache and m._weight is not None for m in bases)
+
+    # relocatable: move the base and the (unmerged) adapter elsewhere together; it finds its base again
+    moved = tmp_path / "elsewhere" / "runs"
+    moved.mkdir(parents=True)
+    for d in (qdir, out, tiny_dir):
+        d.rename(moved / d.name)
+    again, _ = load_model(str(moved / out.name))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+    # another base at that path (8-bit instead of 4-bit) is refused, not silently used
+    quantize_to_dir(str(moved / tiny_dir.name), QuantConfig(bits=8, group_size=32, n_seqs=4, seq_len=32),
+                    moved / qdir.name)
+    with pytest.raises(FinetuneError, match="content digest"):
+        load_model(str(moved / out.name))
 
 
 def test_dequant_linear_gradient_matches_float():

@@ -22,6 +22,7 @@ from vocab.select import select_tokens
 def trim_to_dir(model: str, cfg: VocabConfig, out_dir: Path) -> dict[str, Any]:
     """Trim ``model``'s vocabulary per ``cfg`` (token use counted on the corpus) and write it to ``out_dir``."""
     from sources import load_model
+    from sources.artifact import write_artifact_meta
 
     t0 = time.perf_counter()
     m, tok = load_model(model)
@@ -80,9 +81,8 @@ def write_trimmed(model: Any, tokenizer: Any, bpe: ByteLevelBPE, kept: list[int]
         (tmp / "kept_ids.json").write_text(json.dumps(kept))
         metrics["seconds"] = time.perf_counter() - t0
         write_json_atomic(tmp / "metrics.json", metrics)
-        write_json_atomic(tmp / "lord_artifact.json", {
-            "kind": "dense", "loader": "sources.models:load_hf_dir", "source": source, "stage": "vocab",
-            "config": cfg.to_dict(), "vocab_after": len(kept)})
+        write_artifact_meta(tmp, "dense", source=source, stage="vocab", config=cfg.to_dict(),
+                            vocab_after=len(kept))
     return metrics
 
 
