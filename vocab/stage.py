@@ -22,7 +22,6 @@ from vocab.select import select_tokens
 def trim_to_dir(model: str, cfg: VocabConfig, out_dir: Path) -> dict[str, Any]:
     """Trim ``model``'s vocabulary per ``cfg`` (token use counted on the corpus) and write it to ``out_dir``."""
     from sources import load_model
-    from sources.artifact import write_artifact_meta
 
     t0 = time.perf_counter()
     m, tok = load_model(model)
@@ -53,6 +52,8 @@ def write_trimmed(model: Any, tokenizer: Any, bpe: ByteLevelBPE, kept: list[int]
                   out_dir: Path, source: str, cfg: VocabConfig, t0: float | None = None) -> dict[str, Any]:
     """Slice ``model`` (in place) to ``kept``, rebuild the tokenizer, and write both atomically."""
     from transformers import AutoTokenizer
+
+    from sources.artifact import write_artifact_meta
 
     t0 = time.perf_counter() if t0 is None else t0
     spec, old_to_new = bpe.restrict(kept)
