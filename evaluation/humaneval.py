@@ -182,20 +182,18 @@ def result_cache_dir(model: str, cfg: HumanEvalConfig) -> Path | None:
     """
     import transformers
 
+    from artifacts import content_digest
     from sources import cache_root, resolve_model_dir
+    from sources.artifact import artifact_kind
 
     where = resolve_model_dir(model)
     if not isinstance(where, Path) or not (where / "MANIFEST.json").is_file():
         return None
-    if (where / "lord_artifact.json").is_file():
-        kind = json.loads((where / "lord_artifact.json").read_text()).get("kind")
-        if kind != "dense":
-            return None
-    manifest = json.loads((where / "MANIFEST.json").read_text())
-    files = {k: v["sha256"] for k, v in manifest.items() if k != "metrics.json"}
+    if artifact_kind(where) != "dense":
+        return None
     here = Path(__file__).resolve().parent
     code = {f.name: sha256_file(f) for f in [*sorted(here.glob("*.py")), here.parent / "sources" / "humaneval.py"]}
-    key = sha256_json({"model_files": files, "config": json.loads(json.dumps(cfg.to_dict())), "code": code,
+    key = sha256_json({"model_files": content_digest(where), "config": json.loads(json.dumps(cfg.to_dict())), "code": code,
                        "compute_dtype": dtype_name(compute_dtype("cpu", cfg.dtype)), "torch": torch.__version__,
                        "transformers": transformers.__version__})
     return cache_root().parent / "humaneval" / key[:24]
