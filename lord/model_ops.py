@@ -21,6 +21,7 @@ from lord.ranks import plan_summary, rank_plan
 from lord.search import search_plan
 from lord.sensitivity import fisher_sensitivities, probe_sensitivities, weights_of
 from lord.sequential import sequential_decompose
+from lord.speed import is_slow, modelled_time_ratio
 from lord.stats import GroupStats
 from lord.surgery import Group, factor_group, find_groups, stacked_weight
 
@@ -79,10 +80,13 @@ def apply_ranks(model: nn.Module, groups: list[Group], facts: Mapping[str, Facto
             "members": list(g.members), "rank": r, "m": g.m, "n": g.n,
             "rel_output_error": err ** 0.5,
             "rank_reduction": (1 - r / min(g.m, g.n)) if r is not None else 0.0,
+            "modelled_time_ratio": round(modelled_time_ratio(g.m, g.n, r, len(g.members)), 4),
+            "slow": is_slow(g.m, g.n, r, len(g.members)),  # saves parameters, not time (lord/speed.py)
         }
     metrics = plan_summary(groups, ranks, total_params, linear_total)
     errs = [v["rel_output_error"] for v in report.values() if v["rank"] is not None]
     metrics["rel_output_error_mean"] = sum(errs) / len(errs) if errs else 0.0
+    metrics["n_groups_slow"] = sum(v["slow"] for v in report.values())
     metrics["params_total_dense"] = total_params
     metrics["params_total_factored"] = count_params(model)
     return DecomposeReport(report, metrics)

@@ -214,3 +214,11 @@ def _lower_hull(points: list[tuple[int, float, int | None]]) -> list[tuple[int, 
                 break
         hull.append(p)
     return hull
+
+
+def round_down_ranks(groups: list[Group], ranks: Mapping[str, int | None], multiple: int) -> dict[str, int | None]:
+    """Every rank rounded down to a multiple of ``multiple`` (matmul kernels favour aligned inner dimensions);
+    rounding down keeps each group below parity and removes at least as much. Ranks below ``multiple`` stay."""
+    if multiple < 1:
+        raise LordError(f"rank_multiple must be >= 1, got {multiple}")
+    return {g.name: r if (r := ranks.get(g.name)) is None or r < multiple else r - r % multiple for g in groups}
