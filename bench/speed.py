@@ -29,12 +29,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import RESULTS, write_results  # noqa: I001  (bench/ is on sys.path)
+from common import RESULTS, merge_records  # noqa: I001  (bench/ is on sys.path)
 
 # bench/lord.py would shadow the lord package: drop bench/ from the path once common is imported
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 from transformers import DynamicCache  # noqa: E402
 
+from lord.model_ops import linear_params  # noqa: E402
 from lord.modules import factored_modules  # noqa: E402
 from lord.ranks import plan_summary, rank_plan, round_down_ranks  # noqa: E402
 from lord.speed import is_slow  # noqa: E402
@@ -47,10 +48,6 @@ LINEAR_REDUCTIONS = (0.2,)  # the issue's target point: uniform plan at -20% of 
 PRESET_REDUCTION = 0.1  # the default preset: -10% of all parameters (uniform plan)
 DECODE_PROMPT = 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def linear_params(groups: list[Group]) -> int:
-    return sum(g.m * g.n for g in groups)
 
 
 @torch.no_grad()
@@ -140,7 +137,7 @@ def round_robin(models: dict[str, torch.nn.Module], inputs: dict, rounds: int, w
 def configs(groups: list[Group], total: int, rank_reductions: tuple[float, ...],
             linear_reductions: tuple[float, ...], rank_multiple: int, preset: bool = True) -> dict[str, dict]:
     """Named rank maps: the paper's rank-reduction axis, the target linear reductions, the default preset."""
-    lin = linear_params(groups)
+    lin = sum(g.m * g.n for g in groups)  # every group is targeted here: = lord.model_ops.linear_params
     out = {}
     for rho in rank_reductions:
         out[f"rank_reduction={rho:g}"] = rank_plan(groups, total, "uniform", rank_reduction=rho)
@@ -160,7 +157,7 @@ def bench_model(name: str, dtypes: list[str], args: argparse.Namespace, log: Cal
     dense, _ = load_model(name)
     groups = find_groups(dense)
     total = sum(p.numel() for p in dense.parameters())
-    lin = linear_params(groups)
+    lin = linear_params(dense)
     plans = configs(groups, total, tuple(args.rank_reductions), tuple(args.linear_reductions), args.rank_multiple,
                     args.preset)
     records = []
@@ -170,7 +167,7 @@ def bench_model(name: str, dtypes: list[str], args: argparse.Namespace, log: Cal
         summaries = {}
         for label, ranks in plans.items():
             models[label] = factored_copy(dense, groups, ranks)
-            summaries[label] = dict(plan_summary(groups, ranks, total), n_groups_slow=sum(
+            summaries[label] = dict(plan_summary(groups, ranks, total, lin), n_groups_slow=sum(
                 is_slow(g.m, g.n, ranks.get(g.name), len(g.members)) for g in groups))
         lengths = tuple(args.prefill_lengths_bf16 if dname == "bfloat16" else args.prefill_lengths)
         inputs = make_inputs(dense.config.vocab_size, args.decode_steps, lengths)
@@ -184,7 +181,7 @@ def bench_model(name: str, dtypes: list[str], args: argparse.Namespace, log: Cal
                                       "n_groups_slow": 0})
             rec = {"model": name, "dtype": dname, "variant": "dense" if label == "dense" else "lord", "plan": label,
                    "rank_reduction": round(s["rank_reduction_mean"], 4),
-                   "linear_param_reduction": round(s["params_removed"] / lin, 4),
+                   "linear_param_reduction": round(s["params_removed"] / lin, 4),  # = plan_summary's
                    "param_reduction": round(s["params_removed"] / total, 4),
                    "n_groups_factored": s["n_groups_factored"], "n_groups_slow_modelled": s["n_groups_slow"],
                    "n_params": sum(p.numel() for p in model.parameters())}
@@ -208,7 +205,7 @@ def profile(name: str, dname: str, linear_reduction: float, rank_multiple: int) 
     dense.to(DTYPES[dname])
     groups = find_groups(dense)
     total = sum(p.numel() for p in dense.parameters())
-    ranks = rank_plan(groups, total, "uniform", reduction=linear_reduction * linear_params(groups) / total)
+    ranks = rank_plan(groups, total, "uniform", reduction=linear_reduction * linear_params(dense) / total)
     if rank_multiple > 1:
         ranks = round_down_ranks(groups, ranks, rank_multiple)
     fact = factored_copy(dense, groups, ranks)
@@ -300,15 +297,9 @@ def main() -> None:
             for d in args.dtypes:
                 profile(m, d, LINEAR_REDUCTIONS[0], args.rank_multiple)
         return
-    prev = RESULTS / "speed.json"
-    keep = []
-    if prev.exists():  # records of models/dtypes not rerun are kept
-        keep = [r for r in json.loads(prev.read_text())["records"]
-                if not (r["model"] in args.models and r["dtype"] in args.dtypes)]
     records = []
     for m in args.models:
         records += bench_model(m, args.dtypes, args)
-    records = keep + records
     protocol = {
         "factors": "random subspace (down = random orthonormal rows, up = W down^T): LoRD's shapes, hence its time",
         "plans": "rank_reduction=rho: uniform r = round((1 - rho) min(m, n)), groups not below parity stay dense "
@@ -325,7 +316,8 @@ def main() -> None:
         "size_mb": "parameter bytes in the dtype, tied tensors once",
         "prefill_lengths": {"float32": args.prefill_lengths, "bfloat16": args.prefill_lengths_bf16},
     }
-    path = write_results("speed", protocol, records)
+    path = merge_records("speed", records, protocol, key=("model", "dtype", "plan"))  # other runs' records kept
+    records = json.loads(path.read_text())["records"]
     png = write_plot(records, RESULTS / "speed.png")
     if args.mlflow_uri:
         log_mlflow(path, png, records, args.mlflow_uri)
