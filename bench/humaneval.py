@@ -6,9 +6,10 @@ Run under the machine-wide lock:  OMP_NUM_THREADS=2 flock /tmp/lord-heavy.lock .
 One run measures, on the same model load (compute dtype from sources/compute.py, ``--dtype``):
 0. the machine: memory read bandwidth (a reduction over 1 GiB, 2 threads) and float32/bf16 GEMM rates; the
    batch-1 decode bound is bandwidth / bytes of weights read per token (every linear + the head);
-1. the first ``--compare`` problems generated as one batch and one by one (same greedy config): tokens/s of
-   each, their ratio, and whether the completions are identical (left padding must not change greedy text);
-2. the rest of the first ``--limit`` problems in batches of ``--batch-size`` (resumable work file);
+1. the first ``--compare`` problems generated one by one (batch 1);
+2. the first ``--limit`` problems in batches of ``--batch-size`` until ``--budget-minutes`` of generation:
+   tokens/s against batch 1, and whether the shared problems' completions are identical (left padding and
+   dropping finished rows must not change greedy text);
 3. every completion executed in the sandbox -> pass@1 (greedy, unbiased estimator with n=1);
 4. sandbox throughput: the 164 canonical solutions with 1 and with ``--workers`` workers (executions/s).
 Tokens/s count generated tokens over wall time including each batch's prompt prefill.
@@ -44,8 +45,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="compute dtype (sources/compute.py)")
     ap.add_argument("--budget-minutes", type=float, default=11.0,
                     help="stop starting new batches after this much generation time; the subset is reported")
-    ap.add_argument("--compare", type=int, default=8, help="problems generated both batched and unbatched")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--compare", type=int, default=4, help="first N problems also generated one by one")
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=384)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/lord-bench-humaneval"))
@@ -62,7 +63,6 @@ def main() -> None:
     problems = load_humaneval(limit=args.limit)
     prompts = {p.task_id: p.prompt for p in problems}
     head = dict(list(prompts.items())[: args.compare])
-    rest = dict(list(prompts.items())[args.compare :])
     machine = measure_machine()
     print(f"machine: {machine}", flush=True)
     dtype = compute_dtype("cpu", args.dtype)
@@ -70,36 +70,34 @@ def main() -> None:
     bytes_per_token = decode_bytes_per_token(model)
     bound_b1 = machine["read_gb_per_s"] * 1e9 / bytes_per_token
 
-    batched_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.compare)
     single_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=1)
-    t0 = time.perf_counter()
-    batched = generate_completions(model, tok, head, batched_cfg)
-    batched_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     single = generate_completions(model, tok, head, single_cfg)
     single_s = time.perf_counter() - t0
-    batched_tokens = sum(r["n_new_tokens"] for r in batched)
     single_tokens = sum(r["n_new_tokens"] for r in single)
-    same = sum(a["completion"] == b["completion"] for a, b in zip(batched, single, strict=True))
-    print(f"batch of {len(head)}: {batched_tokens / batched_s:.1f} tok/s; one by one: "
-          f"{single_tokens / single_s:.1f} tok/s; identical completions {same}/{len(head)}; "
+    print(f"one by one ({len(head)} problems): {single_tokens / single_s:.2f} tok/s; "
           f"batch-1 bandwidth bound {bound_b1:.1f} tok/s", flush=True)
 
     args.work.mkdir(parents=True, exist_ok=True)
-    rest_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    rest_out, rest_s, items = [], 0.0, list(rest.items())
+    work = args.work / f"batched-{args.max_new_tokens}-{args.batch_size}-{dtype_name(dtype)}.jsonl"
+    work.unlink(missing_ok=True)  # timings must come from this run
+    batched_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    completions, batched_s, items = [], 0.0, list(prompts.items())
     for b in range(0, len(items), args.batch_size):
         late = stop_by is not None and datetime.datetime.now(datetime.timezone.utc) > stop_by
-        if late or batched_s + single_s + rest_s > 60 * args.budget_minutes:
-            print(f"generation budget of {args.budget_minutes} min used: stopping at {len(head) + b} problems")
+        if late or single_s + batched_s > 60 * args.budget_minutes:
+            print(f"generation budget of {args.budget_minutes} min used: stopping at {b} problems")
             break
         t0 = time.perf_counter()
-        rest_out += generate_completions(model, tok, dict(items[b : b + args.batch_size]), rest_cfg,
-                                         args.work / f"rest-{args.max_new_tokens}.jsonl", progress=False)
-        rest_s += time.perf_counter() - t0
-        print(f"{len(head) + len(rest_out)} problems generated, {batched_s + single_s + rest_s:.0f} s", flush=True)
-    rest_tokens = sum(r["n_new_tokens"] for r in rest_out)
-    completions = batched + rest_out
+        completions += generate_completions(model, tok, dict(items[b : b + args.batch_size]), batched_cfg,
+                                            work, progress=False)
+        batched_s += time.perf_counter() - t0
+        print(f"{len(completions)} problems generated in batches, {batched_s:.0f} s", flush=True)
+    batched_tokens = sum(r["n_new_tokens"] for r in completions)
+    by_id = {r["task_id"]: r for r in completions}
+    same = sum(by_id[r["task_id"]]["completion"] == r["completion"] for r in single if r["task_id"] in by_id)
+    print(f"batches of {args.batch_size}: {batched_tokens / batched_s:.2f} tok/s vs one by one "
+          f"{single_tokens / single_s:.2f}; identical completions {same}/{len(head)}", flush=True)
     problems = problems[: len(completions)]
 
     box = Sandbox(SandboxConfig(workers=args.workers), allow_execution=True)
@@ -123,23 +121,23 @@ def main() -> None:
          "pass_at_1": means["pass_at_1"], "n_passed": statuses["passed"], "status_counts": statuses,
          "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
          "compute_dtype": dtype_name(dtype),
-         "generation_seconds": batched_s + rest_s, "execution_seconds": exec_s,
-         "n_new_tokens": sum(r["n_new_tokens"] for r in completions),
-         "tokens_per_second": (batched_tokens + rest_tokens) / (batched_s + rest_s),
-         "rest_batch_tokens_per_second": rest_tokens / rest_s if rest_s else None,
+         "generation_seconds": batched_s, "execution_seconds": exec_s,
+         "n_new_tokens": batched_tokens, "tokens_per_second": batched_tokens / batched_s,
+         "projected_164_generation_seconds": batched_s * 164 / len(problems),
          "prompt_tokens": sum(len(tok(p.rstrip())["input_ids"]) for p in prompts.values()),
          "finish_counts": {f: sum(r["finish"] == f for r in completions) for f in ("stop", "eos", "length")}},
         {"model": args.model, "variant": "batched-vs-unbatched", "n_problems": len(head),
-         "batch_size": len(head), "batched_tokens_per_second": batched_tokens / batched_s,
+         "n_problems_batched": len(problems),
+         "batch_size": args.batch_size, "batched_tokens_per_second": batched_tokens / batched_s,
          "unbatched_tokens_per_second": single_tokens / single_s,
          "tokens_per_second_ratio": (batched_tokens / batched_s) / (single_tokens / single_s),
-         "ratio_of": "batched / unbatched tokens per second, same problems, same run",
+         "ratio_of": "tokens/s in batches (all generated problems) / one by one (the first n_problems), same run",
          "batched_seconds": batched_s, "unbatched_seconds": single_s,
          "identical_greedy_completions": same, "compute_dtype": dtype_name(dtype),
          "read_gb_per_s": machine["read_gb_per_s"], "weight_bytes_read_per_token": bytes_per_token,
          "batch1_bandwidth_bound_tokens_per_second": bound_b1,
          "unbatched_fraction_of_bandwidth_bound": (single_tokens / single_s) / bound_b1,
-         "batched_fraction_of_bandwidth_bound": (batched_tokens / batched_s) / (bound_b1 * len(head)),
+         "batched_fraction_of_bandwidth_bound": (batched_tokens / batched_s) / (bound_b1 * args.batch_size),
          "compute_bound_tokens_per_second": machine[f"gemm_gflop_per_s_{dtype_name(dtype)}"] * 1e9
          / (2 * bytes_per_token / model.dtype.itemsize)},
         *({"model": "canonical-solutions", "variant": f"sandbox-{w}-workers", "n_problems": len(canon),
@@ -147,7 +145,7 @@ def main() -> None:
     ]
     protocol = {
         "decoding": "greedy, no chat template, prompt right-stripped, left padding, KV cache",
-        "stop_sequences": list(rest_cfg.stop_sequences), "max_new_tokens": args.max_new_tokens,
+        "stop_sequences": list(batched_cfg.stop_sequences), "max_new_tokens": args.max_new_tokens,
         "subset": f"first {len(problems)} of 164 problems", "threads": threads, "machine": machine,
         "compute_policy": describe("cpu", args.dtype),
         "decoder": "evaluation.generate: own KV-cache loop, prompts sorted by length, finished rows dropped",

@@ -2,18 +2,17 @@
 
 Base-model completion as in Codex (Chen et al. 2021, sec. 2.3) and bigcode-evaluation-harness: no chat
 template, the prompt is the function signature + docstring, generation stops at a top-level
-``def/class/if/print/#`` line. Our own decode loop over the model's KV cache (not ``generate``): prompts are
-sorted by length and left-padded so one cache serves the whole batch, and a row that finishes leaves the
-batch at once (``generate`` keeps computing finished rows until the longest one stops). The checkpoint's own
-generation config (Qwen's: sampling, repetition penalty) never leaks into a benchmark decode.
-Each finished batch is appended to a JSONL file (flushed, fsynced), so a killed run resumes where it stopped.
+``def/class/if/print/#`` line. Prompts are queued longest first and decoded by evaluation/decode.py
+(continuous batching over a KV cache: a finished row leaves the batch and the next prompt takes its slot);
+the checkpoint's own generation config (Qwen's: sampling, repetition penalty) never enters a benchmark
+decode. Each finished completion is appended to a JSONL file (flushed, fsynced), so a killed run resumes
+where it stopped.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,8 +20,8 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
+from .decode import DecodeSpec, decode_stream
 from .errors import EvalError
 
 # Codex's stop sequences (Chen et al. 2021, sec. 2.3), as used by bigcode-evaluation-harness for HumanEval.
@@ -96,114 +95,23 @@ def generate_completions(
     todo.sort(key=lambda ts: (-lengths[ts[0]], order[ts[0]], ts[1]))  # longest first: OOM shows at once
     records = [r for r in done if r["task_id"] in prompts]
     bar = tqdm(total=len(todo), desc="humaneval generate", disable=not progress, unit="completion")
-    for b in range(0, len(todo), cfg.batch_size):
-        batch = todo[b : b + cfg.batch_size]
-        new = _generate_batch(model, tokenizer, [texts[t] for t, _ in batch], cfg, seed=cfg.seed + b)
-        rows = [{"task_id": t, "sample": s, **g} for (t, s), g in zip(batch, new, strict=True)]
+
+    def finished(i: int, new_tokens: list[int], finish: str, seconds: float) -> None:
+        text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+        completion = truncate_at_stop(text, cfg.stop_sequences)
+        row = {"task_id": todo[i][0], "sample": todo[i][1], "completion": completion,
+               "n_new_tokens": len(new_tokens), "finish": "stop" if completion != text else finish,
+               "seconds": seconds}
         if out_jsonl is not None:
-            append_jsonl(out_jsonl, rows)
-        records.extend(rows)
-        bar.update(len(batch))
+            append_jsonl(out_jsonl, [row])  # one line per finished row: a killed run loses only live rows
+        records.append(row)
+        bar.update(1)
+
+    spec = DecodeSpec(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, temperature=cfg.temperature,
+                      top_p=cfg.top_p, seed=cfg.seed, stop_sequences=cfg.stop_sequences)
+    decode_stream(model, tokenizer, [texts[t] for t, _ in todo], spec, set(_eos_ids(model, tokenizer)), finished)
     bar.close()
     return sorted(records, key=lambda r: (order[r["task_id"]], r["sample"]))
-
-
-@torch.inference_mode()
-def _generate_batch(model: torch.nn.Module, tok: Any, texts: list[str], cfg: GenerationConfig,
-                    seed: int) -> list[dict[str, Any]]:
-    """Decode one left-padded batch with a KV cache; a row leaves the batch the step it finishes.
-
-    Each step feeds one token per *unfinished* row: finished rows are dropped from the inputs and the cache
-    (``DynamicCache.batch_select_indices``), so a batch gets cheaper as it empties instead of padding on to
-    the longest row. Positions come from the attention mask (as ``generate`` does), so left padding changes
-    no row's greedy text. A row stops at EOS, at a stop sequence (checked on its last few tokens only: no
-    quadratic re-decoding), or at ``max_new_tokens``.
-    """
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(texts, return_tensors="pt", padding=True)
-    finally:
-        tok.padding_side = side
-    device = next(model.parameters()).device
-    ids, attention = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    eos = set(_eos_ids(model, tok))
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    t0 = time.perf_counter()
-    cache = DynamicCache(config=model.config)
-    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
-    logits = _forward(model, ids, attention, positions, cache, last_only=True)
-    next_pos = positions[:, -1] + 1
-    rows = list(range(len(texts)))  # original row index of each live batch row
-    tokens: list[list[int]] = [[] for _ in texts]
-    finish: dict[int, str] = {}
-    for step in range(cfg.max_new_tokens):
-        chosen = _pick(logits, cfg, gen).tolist()
-        keep = []
-        for b, (row, t) in enumerate(zip(rows, chosen, strict=True)):
-            tokens[row].append(t)
-            if t in eos:
-                finish[row] = "eos"
-            elif any(stop in tok.decode(tokens[row][-_STOP_TAIL_TOKENS:]) for stop in cfg.stop_sequences):
-                finish[row] = "stop"
-            elif step + 1 == cfg.max_new_tokens:
-                finish[row] = "length"
-            else:
-                keep.append(b)
-        if not keep:
-            break
-        step_ids = torch.tensor([chosen[b] for b in keep], device=device).unsqueeze(1)
-        if len(keep) < len(rows):
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            attention, next_pos = attention[index], next_pos[index]
-            rows = [rows[b] for b in keep]
-        attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
-        logits = _forward(model, step_ids, attention, next_pos.unsqueeze(1), cache)
-        next_pos = next_pos + 1
-    seconds = time.perf_counter() - t0
-    results = []
-    for row in range(len(texts)):
-        text = tok.decode(tokens[row], skip_special_tokens=True)
-        completion = truncate_at_stop(text, cfg.stop_sequences)
-        results.append({"completion": completion, "n_new_tokens": len(tokens[row]),
-                        "finish": "stop" if completion != text else finish.get(row, "length"),
-                        "seconds": seconds / len(texts)})
-    return results
-
-
-# a stop sequence is a few characters, so the last few tokens of a row are enough to see it appear
-_STOP_TAIL_TOKENS = 12
-
-
-def _forward(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
-             cache: DynamicCache, last_only: bool = False) -> torch.Tensor:
-    """Next-token logits (float32) of the last position of every row; the head runs on that position only."""
-    kwargs = {"logits_to_keep": 1} if last_only else {}
-    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache,
-                use_cache=True, **kwargs)
-    return out.logits[:, -1].float()
-
-
-def _pick(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator) -> torch.Tensor:
-    """Greedy argmax, or nucleus sampling (Holtzman et al. 2020) at ``cfg.temperature`` / ``cfg.top_p``."""
-    if cfg.greedy:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / cfg.temperature, dim=-1)
-    if cfg.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p > cfg.top_p  # keep the smallest prefix reaching top_p
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
-
-
-def _row_length(row: list[int], eos: list[int]) -> tuple[int, str]:
-    """Generated tokens of a row not stopped by a stop sequence: up to and including its first EOS."""
-    for i, t in enumerate(row):
-        if t in eos:
-            return i + 1, "eos"
-    return len(row), "length"
 
 
 def _eos_ids(model: torch.nn.Module, tok: Any) -> list[int]:

@@ -221,11 +221,15 @@ def test_greedy_decode_matches_transformers_generate(tiny) -> None:
         assert r["completion"] == _hf_greedy(model, tok, prompts[r["task_id"]].rstrip(), 16)
 
 
-@pytest.mark.parametrize("stops", [("\x00\x01never",), ("e", "(")])  # ("e", "("): rows stop at different steps
-def test_batched_greedy_equals_unbatched_tiny(tiny, stops) -> None:
+@pytest.mark.parametrize(("stops", "batch_size"), [
+    (("\x00\x01never",), 7),  # one batch, everyone runs to the length limit
+    (("e", "("), 7),  # rows stop at different steps and leave the batch
+    (("e", "("), 3),  # ... and queued prompts take their slots (cache merged with left padding, then cropped)
+])
+def test_batched_greedy_equals_unbatched_tiny(tiny, stops, batch_size) -> None:
     model, tok = tiny
-    prompts = {p.task_id: p.prompt for p in load_humaneval(limit=7)}  # prompt lengths differ: left padding
-    cfg = GenerationConfig(max_new_tokens=20, batch_size=7, stop_sequences=stops)
+    prompts = {p.task_id: p.prompt for p in load_humaneval(limit=12)}  # prompt lengths differ: left padding
+    cfg = GenerationConfig(max_new_tokens=30, batch_size=batch_size, stop_sequences=stops)
     batched = generate_completions(model, tok, prompts, cfg, progress=False)
     single = generate_completions(model, tok, prompts, GenerationConfig(**{**cfg.to_dict(), "batch_size": 1}),
                                   progress=False)
