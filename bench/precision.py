@@ -167,8 +167,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     warnings.filterwarnings("ignore", message=".*emulated.*")
-    records = [ppl_record(args.small, 256, 2), ppl_record(args.large, 128, 1),
-               *calibration_records(args.small, 4, 128), *forward_records(args.small)]
+    records = [ppl_record(args.small, 128, 2), ppl_record(args.large, 96, 1),
+               *calibration_records(args.small, 2, 128), *forward_records(args.small)]
     protocol = {"heldout": "stdlib held-out split, first windows (evaluation.perplexity protocol)",
                 "calibration": "stdlib calibration split, seed 0, input Grams (statistic='input')",
                 "compute_policy": describe("cpu"),
