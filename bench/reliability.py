@@ -119,9 +119,9 @@ def kill_points(work: Path) -> list[dict[str, Any]]:
     """SIGKILL the flow while each stage writes its artifact; rerun; compare with an uninterrupted run."""
     from _flowkit import CHILD, tiny_params
 
+    from bench.harness import shared_prefect_harness, temp_mlflow_store
     from flows.faults import KILL_ENV
     from flows.pipeline import lord_pipeline
-    from flows.testing import shared_prefect_harness, temp_mlflow_store
 
     records = []
     (work / "mlflow").mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--skip-kill", action="store_true", help="skip the kill-point runs (a few minutes)")
     args = ap.parse_args()
-    from evaluation import run_attack_battery
+    from bench.sandbox_attacks import run_attack_battery
 
     with tempfile.TemporaryDirectory(prefix="lord-reliability-") as tmp:
         work = Path(tmp)

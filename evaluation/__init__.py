@@ -7,10 +7,9 @@ from .humaneval import HumanEvalConfig, humaneval_to_dir
 from .passk import mean_pass_at_k, pass_at_k
 from .perplexity import PerplexityConfig, PerplexityResult, perplexity
 from .sandbox import ExecResult, Sandbox, SandboxConfig
-from .sandbox_attacks import run_attack_battery
 
 __all__ = [
     "EvalConfig", "EvalError", "ExecResult", "GenerationConfig", "HumanEvalConfig", "PerplexityConfig",
     "PerplexityResult", "Sandbox", "SandboxConfig", "evaluate_to_dir", "generate_completions", "humaneval_to_dir",
-    "mean_pass_at_k", "pass_at_k", "perplexity", "run_attack_battery",
+    "mean_pass_at_k", "pass_at_k", "perplexity",
 ]

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-RANK_FILES = ("rank_map.json", "ranks.json")
+RANK_FILE = "rank_map.json"  # written by lord/stages.py:decompose_to_dir
 
 
 def write_plots(rows: list[dict[str, Any]], records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -55,8 +55,8 @@ def _rank_map(records: list[dict[str, Any]], out_dir: Path) -> Path | None:
     rec = next((r for r in records if r["stage"] == "decompose"), None)
     if rec is None:
         return None
-    path = next((Path(rec["dir"]) / f for f in RANK_FILES if (Path(rec["dir"]) / f).is_file()), None)
-    if path is None:
+    path = Path(rec["dir"]) / RANK_FILE
+    if not path.is_file():
         return None
     groups = json.loads(path.read_text())
     names = list(groups)

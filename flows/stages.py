@@ -93,7 +93,33 @@ def content_hash(model: str) -> str:
 def stage_key(stage: str, cfg: dict[str, Any], inputs: dict[str, str]) -> str:
     # the compute dtype "auto" resolves to (this machine, $LORD_DTYPE) changes results: bf16 != float32 numbers
     return sha256_json({"stage": stage, "config": cfg, "inputs": inputs, "code": code_hash(stage),
-                        "compute_dtype": process_compute_dtype(), "v": CACHE_VERSION})[:20]
+                        "implicit": implicit_inputs(stage, cfg), "compute_dtype": process_compute_dtype(),
+                        "v": CACHE_VERSION})[:20]
+
+
+# stages that read the default code corpus (calibration batches, sensitivity/validation ids, held-out windows)
+CORPUS_STAGES = ("calibrate", "decompose", "quantize", "evaluate")
+
+
+def implicit_inputs(stage: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Digests of what a stage reads besides its config and input artifacts, so a changed corpus or
+    training data is never served from the cache: the code corpus (its content, e.g. another Python's
+    stdlib), a fine-tuning data file, or the versions of the packages the default instruction set is mined from."""
+    from sources import code_split
+
+    out: dict[str, Any] = {}
+    if stage in CORPUS_STAGES or (stage == "vocab" and not cfg.get("corpus")):
+        out["corpus"] = code_split().digest
+    if stage == "vocab" and cfg.get("corpus"):
+        out["corpus"] = content_digest(Path(cfg["corpus"]).expanduser())
+    if stage == "finetune":
+        if cfg.get("data"):
+            out["data"] = sha256_file(Path(cfg["data"]))
+        else:
+            from sources.instructions import DEFAULT_PACKAGES, installed_versions
+
+            out["instruction_packages"] = installed_versions(DEFAULT_PACKAGES)
+    return out
 
 
 def process_compute_dtype() -> str:

@@ -9,21 +9,8 @@ from typing import Any
 # The config fields worth a column: the ones that change between variants and explain their numbers.
 KEY_PARAMS = ("keep", "coverage", "reduction", "rank_reduction", "method", "plan", "bits", "group_size", "outlier_threshold",
               "steps", "lora_r", "lr")
-# Metric names as the evaluation stage writes them, first match wins.
-METRIC_ALIASES = {
-    "ppl": ("ppl", "perplexity", "ppl.ppl"),
-    "pass_at_1": ("pass_at_1", "pass@1", "humaneval.pass_at_1"),
-    "size_mb": ("size_mb", "model_size_mb", "disk_mb"),
-    "n_params": ("n_params", "params", "parameters"),
-    "param_reduction": ("param_reduction",),
-}
-
-
-def pick(metrics: dict[str, Any], name: str) -> Any:
-    for alias in METRIC_ALIASES.get(name, (name,)):
-        if alias in metrics:
-            return metrics[alias]
-    return None
+# summary column -> the metric the evaluation stage writes (evaluation/evaluate.py)
+ROW_METRICS = {"size_mb": "size_mb", "n_params": "params", "ppl": "ppl", "pass_at_1": "pass_at_1"}
 
 
 def short_params(cfg: dict[str, Any]) -> str:
@@ -55,7 +42,7 @@ def summary_rows(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for v in variants:
         m = v.get("metrics", {})
         row = {"variant": v["variant"], "params": short_params(v.get("params", {})),
-               **{k: pick(m, k) for k in ("size_mb", "n_params", "ppl", "pass_at_1")}}
+               **{col: m.get(key) for col, key in ROW_METRICS.items()}}
         base_mb = adapter_base_mb(v.get("model", ""))
         if base_mb and isinstance(row["size_mb"], (int, float)):
             row["size_mb"] = round(row["size_mb"] + base_mb, 2)  # what a user deploys: base + adapter

@@ -28,7 +28,7 @@ Plans for a target parameter reduction ``p`` (each hits the smallest removal >= 
 Measured (bench/results/lord.json, smollm2-135m, dense ppl 10.50, 16 x 512-token held-out windows): normalised
 output error alone does not predict the loss cost of a cut across groups; weighting it does. Held-out ppl at
 10 / 20 / 30% parameter reduction: ``uniform`` 17.96 / 27.39 / 50.58; ``spectrum`` (unweighted) 19.84 /
-40.96 / 124.6; ``auto`` with Fisher weights (the default, one backward over 8 x 256 tokens, ~1 min) 13.21 /
+40.96 / 124.6; ``auto`` with Fisher weights (one backward over 8 x 256 tokens, ~1 min) 13.21 /
 19.69 / 41.07, i.e. 0.36 / 0.54 / 0.76 x uniform's ppl increase; ``auto`` with loss-probe weights
 (``sensitivity="probe"``, 120 probes, 15 min on a loaded CPU) 20.92 / 50.30 / 249.9: single-group probe deltas are ~0.01
 nats, at the level of their noise (some negative), and one point per group extrapolates badly.

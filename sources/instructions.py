@@ -130,6 +130,11 @@ def build_instructions_file(path: Path, cfg: InstructionConfig = InstructionConf
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def installed_versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """``{package: version}`` of the installed ones: what the default instruction set would be mined from."""
+    return {p: _version(p) for p in packages if _package_root(p) is not None}
+
+
 def _package_root(package: str) -> Path | None:
     # find_spec on a top-level name locates it without importing (and so without running) the package.
     spec = importlib.util.find_spec(package)

@@ -143,7 +143,7 @@ def test_source_chain_and_bad_inputs(tmp_path):
 
 
 def test_tracker_logs_the_loss_curve_as_a_metric_history(tmp_path):
-    from flows.testing import temp_mlflow_store
+    from bench.harness import temp_mlflow_store
     from flows.tracking import Tracker
 
     run_dir = tmp_path / "artifact"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.harness import shared_prefect_harness, temp_mlflow_store
 from flows import FlowError
 from flows.faults import FAIL_ENV
-from flows.testing import shared_prefect_harness, temp_mlflow_store
 
 TINY = "tinycoder-random"
 # Sized for a 2-layer hidden-16 model with a 32k vocab: embeddings dominate, so reduction is tiny.

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from flows.testing import shared_prefect_harness, temp_mlflow_store
+from bench.harness import shared_prefect_harness, temp_mlflow_store
 
 pytestmark = pytest.mark.slow
 

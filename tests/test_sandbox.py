@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.sandbox_attacks import ATTACKS, leftover_processes, run_attack_battery
 from evaluation.errors import EvalError
 from evaluation.sandbox import Sandbox, SandboxConfig
-from evaluation.sandbox_attacks import ATTACKS, leftover_processes, run_attack_battery
 from sources.humaneval import N_PROBLEMS, load_humaneval
 
 FAST = {"wall_seconds": 6.0, "cpu_seconds": 2, "workers": 2}

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.sandbox_attacks import decoy_parent
 from evaluation.generate import GenerationConfig, append_jsonl, read_jsonl
 from evaluation.humaneval import HumanEvalConfig, humaneval_to_dir, resume_key
 from evaluation.sandbox import SandboxConfig
-from evaluation.sandbox_attacks import decoy_parent
 from sources.humaneval import load_humaneval
 
 SECRET = "lord-stage-secret-93b2e1"

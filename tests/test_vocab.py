@@ -250,8 +250,8 @@ def test_vocab_stage_is_off_by_default_and_runs_before_calibration():
 
 
 def test_flow_with_vocab_stage_feeds_lord(tied_dir, corpus, tmp_path):
+    from bench.harness import shared_prefect_harness, temp_mlflow_store
     from flows.pipeline import lord_pipeline
-    from flows.testing import shared_prefect_harness, temp_mlflow_store
 
     (tmp_path / "mlflow").mkdir()
     with shared_prefect_harness(), temp_mlflow_store(tmp_path / "mlflow"):

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from _flowkit import CHILD
 
-from flows.testing import shared_prefect_harness, temp_mlflow_store
+from bench.harness import shared_prefect_harness, temp_mlflow_store
 
 
 @pytest.fixture(scope="session")

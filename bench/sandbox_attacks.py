@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .sandbox import Sandbox, SandboxConfig
+from evaluation.sandbox import Sandbox, SandboxConfig
 
 SECRET_ENV, SECRET = "LORD_BATTERY_FAKE_SECRET", "lord-battery-secret-5e0c2a"
 MARKER = "lord-escape-marker"
