@@ -270,3 +270,36 @@ def test_flow_with_vocab_stage_feeds_lord(tied_dir, corpus, tmp_path):
     rows = {r["variant"]: r for r in res["rows"]}
     assert rows["vocab"]["n_params"] < rows["dense"]["n_params"]
     assert rows["vocab+lord"]["n_params"] < rows["vocab"]["n_params"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m", "qwen2.5-coder-0.5b"])
+def test_real_tokenizers_trim_without_losing_any_text(name, tmp_path):
+    """The embedded models' own tokenizers (no weights loaded): trimmed hard, a fixed mixed battery still
+    round-trips exactly as with the original, and the special/chat tokens keep their strings."""
+    from sources import resolve_model_dir
+    from vocab import plan_tokens, read_bpe, save_trimmed_tokenizer
+    from vocab.count import corpus_files, count_token_use
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir(name))
+    bpe = read_bpe(tok)
+    counts = count_token_use(tok, corpus_files(None, max_files=20), bpe.n_ids)
+    kept = plan_tokens(bpe, tok, counts, VocabConfig(keep=8192))
+    spec, old_to_new = bpe.restrict(kept)
+    trimmed = save_trimmed_tokenizer(tok, spec, old_to_new, tmp_path)  # checks a 50-text battery itself
+    assert len(trimmed) == 8192
+    assert roundtrip_failures(trimmed, tok, battery(n_random=300, seed=2)) == []
+    chat = [{"role": "user", "content": "def f(): pass"}]
+    assert trimmed.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(chat, tokenize=False)
+    rendered = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    old = tok(rendered, add_special_tokens=False)["input_ids"]
+    assert trimmed(rendered, add_special_tokens=False)["input_ids"] == [old_to_new[i] for i in old]
+
+
+@pytest.mark.slow
+def test_sentencepiece_tokenizer_of_tinycoder_is_refused():
+    from sources import resolve_model_dir
+    from vocab import read_bpe
+
+    with pytest.raises(VocabError, match="Metaspace|ByteLevel pre-tokenizer"):
+        read_bpe(AutoTokenizer.from_pretrained(resolve_model_dir("tinycoder-random")))

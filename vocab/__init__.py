@@ -11,9 +11,9 @@ from vocab.errors import VocabError
 from vocab.model import slice_vocab
 from vocab.roundtrip import battery, roundtrip_failures
 from vocab.select import select_tokens
-from vocab.stage import plan_tokens, read_bpe, trim_to_dir, write_trimmed
+from vocab.stage import plan_tokens, read_bpe, save_trimmed_tokenizer, trim_to_dir, write_trimmed
 
 __all__ = [
     "BYTE_SYMBOLS", "ByteLevelBPE", "VocabConfig", "VocabError", "battery", "plan_tokens", "read_bpe",
-    "roundtrip_failures", "select_tokens", "slice_vocab", "trim_to_dir", "write_trimmed",
+    "roundtrip_failures", "save_trimmed_tokenizer", "select_tokens", "slice_vocab", "trim_to_dir", "write_trimmed",
 ]

@@ -51,8 +51,6 @@ def plan_tokens(bpe: ByteLevelBPE, tokenizer: Any, counts: list[int], cfg: Vocab
 def write_trimmed(model: Any, tokenizer: Any, bpe: ByteLevelBPE, kept: list[int], counts: list[int],
                   out_dir: Path, source: str, cfg: VocabConfig, t0: float | None = None) -> dict[str, Any]:
     """Slice ``model`` (in place) to ``kept``, rebuild the tokenizer, and write both atomically."""
-    from transformers import AutoTokenizer
-
     from sources.artifact import write_artifact_meta
 
     t0 = time.perf_counter() if t0 is None else t0
@@ -66,25 +64,36 @@ def write_trimmed(model: Any, tokenizer: Any, bpe: ByteLevelBPE, kept: list[int]
         "corpus_tokens": total, "corpus_coverage": sum(counts[i] for i in kept) / max(total, 1),
         "merges_before": len(bpe.merges), "merges_after": len(spec["model"]["merges"]),
         "dropped_special_ids": info["dropped_special_ids"], "config": cfg.to_dict(),
+        "missing_byte_symbols_in_original": len(bpe.missing_bytes),
     }
     with atomic_dir(Path(out_dir)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_tokenizer_files(tmp, spec, old_to_new)
-        trimmed_tok = AutoTokenizer.from_pretrained(tmp)
-        if len(trimmed_tok) != len(kept):
-            raise VocabError(f"the rebuilt tokenizer has {len(trimmed_tok)} tokens, expected {len(kept)}: "
-                             f"{type(tokenizer).__name__} does not load from tokenizer.json alone")
-        failures = roundtrip_failures(trimmed_tok, tokenizer, battery(n_random=50))
-        if failures:
-            raise VocabError(f"the trimmed tokenizer does not round-trip {len(failures)} texts (first: "
-                             f"{failures[0]}); this is a bug in vocab/, please report it")
+        save_trimmed_tokenizer(tokenizer, spec, old_to_new, tmp)
         (tmp / "kept_ids.json").write_text(json.dumps(kept))
         metrics["seconds"] = time.perf_counter() - t0
         write_json_atomic(tmp / "metrics.json", metrics)
         write_artifact_meta(tmp, "dense", source=source, stage="vocab", config=cfg.to_dict(),
                             vocab_after=len(kept))
     return metrics
+
+
+def save_trimmed_tokenizer(tokenizer: Any, spec: dict[str, Any], old_to_new: dict[int, int],
+                           directory: Path) -> Any:
+    """Save ``tokenizer`` with the trimmed ``spec`` into ``directory``, reload it and check it: its size and
+    the round trip of a mixed-text battery against the original. Returns the reloaded tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(directory)
+    write_tokenizer_files(directory, spec, old_to_new)
+    trimmed = AutoTokenizer.from_pretrained(directory)
+    if len(trimmed) != len(old_to_new):
+        raise VocabError(f"the rebuilt tokenizer has {len(trimmed)} tokens, expected {len(old_to_new)}: "
+                         f"{type(tokenizer).__name__} does not load from tokenizer.json alone")
+    failures = roundtrip_failures(trimmed, tokenizer, battery(n_random=50))
+    if failures:
+        raise VocabError(f"the trimmed tokenizer does not round-trip {len(failures)} texts (first: "
+                         f"{failures[0]}); this is a bug in vocab/, please report it")
+    return trimmed
 
 
 def write_tokenizer_files(directory: Path, spec: dict[str, Any], old_to_new: dict[int, int]) -> None:
