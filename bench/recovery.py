@@ -23,23 +23,20 @@ from common import merge_records, write_results  # noqa: I001  (bench/ is on sys
 from evaluation.evaluate import logical_params
 from evaluation.perplexity import PerplexityConfig, perplexity
 from finetune import FinetuneConfig, finetune_in_subprocess
+from lord.model_ops import linear_params
 from sources import code_split, load_model
 
 PPL = PerplexityConfig(seq_len=512, n_windows=8, batch_size=4)
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def measure(spec: str, files: list[Path]) -> dict[str, float]:
-    """Held-out ppl, parameters, and the decoder's factorable linear parameters of one model."""
-    import torch
-
+def measure(spec: str, files: list[Path], dense: bool = False) -> dict[str, float]:
+    """Held-out ppl and parameters of one model (+ its factorable linear parameters for the dense one)."""
     model, tok = load_model(spec)
     t0 = time.perf_counter()
     ppl = perplexity(model, tok, files, PPL, progress=False).ppl
-    linear = sum(m.weight.numel() for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and any(f".{x}" in n for x in LINEAR_NAMES))
-    out = {"ppl": ppl, "params": logical_params(model), "linear_params": linear,
-           "ppl_seconds": time.perf_counter() - t0}
+    out = {"ppl": ppl, "params": logical_params(model), "ppl_seconds": time.perf_counter() - t0}
+    if dense:
+        out["linear_params"] = linear_params(model)
     del model
     gc.collect()
     return out
@@ -82,13 +79,13 @@ def main() -> None:
     measured = json.loads(cache.read_text()) if cache.is_file() else {}
     for name, spec in (("dense", args.dense), ("lord", args.lord)):
         if name not in measured:
-            measured[name] = measure(spec, files)
+            measured[name] = measure(spec, files, dense=name == "dense")
             cache.write_text(json.dumps(measured, indent=2))
         print(name, measured[name])
     dense, lord = measured["dense"], measured["lord"]
     common = {"model": Path(args.dense).name, "plan": args.plan, "ppl_dense": dense["ppl"],
               "param_reduction": 1 - lord["params"] / dense["params"],
-              "linear_param_reduction": 1 - lord["linear_params"] / dense["linear_params"],
+              "linear_param_reduction": (dense["params"] - lord["params"]) / dense["linear_params"],
               "pass_at_1": None, "n_problems": 0}
     records, details = [], []
     for objective in args.objectives:
