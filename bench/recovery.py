@@ -49,7 +49,7 @@ def blockwise_run(args: argparse.Namespace, files: list[Path], dense: dict, lord
     out = args.work / f"blockwise-{args.budget_minutes:g}min"
     cfg = BlockwiseConfig(budget_minutes=args.budget_minutes, lr=args.blockwise_lr, budget_clock="process")
     t0 = time.perf_counter()
-    report = blockwise_to_dir(args.lord, out, cfg, n_seqs=64, seq_len=256, progress=False)
+    report = blockwise_to_dir(args.lord, out, cfg, n_seqs=args.kd_seqs, seq_len=256, progress=False)
     wall = time.perf_counter() - t0
     after = measure(str(out), files)
     print("blockwise", {k: report[k] for k in ("budget_seconds", "seconds", "n_tokens")}, after)
@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--blockwise-lr", type=float, default=1e-4)
     ap.add_argument("--work", type=Path, default=Path("/tmp/h14kd/recovery"))
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--kd-seqs", type=int, default=32, help="KD training windows (teacher logits cached)")
+    ap.add_argument("--n-eval", type=int, default=4)
     args = ap.parse_args()
 
     files = code_split().heldout
@@ -96,9 +98,9 @@ def main() -> None:
             continue
         cfg = FinetuneConfig(
             objective=objective, budget_minutes=args.budget_minutes, budget_clock="process", steps=None,
-            base="nf4", max_seq_len=256, micro_batch_size=2, grad_accum_steps=2, lr=args.lr,
-            warmup_steps=4, eval_every=25, early_stop_patience=0, lora_r=16, lora_alpha=32,
-            n_eval=8, kd_n_seqs=72, kd_top_k=32, n_examples=800)
+            base="nf4", max_seq_len=256, micro_batch_size=1, grad_accum_steps=2, lr=args.lr,
+            warmup_steps=2, eval_every=25, early_stop_patience=0, lora_r=16, lora_alpha=32,
+            n_eval=args.n_eval, kd_n_seqs=args.kd_seqs + args.n_eval, kd_top_k=32, n_examples=800)
         out = args.work / f"{objective}-{args.budget_minutes:g}min"
         t0 = time.perf_counter()
         m = finetune_in_subprocess(args.lord, cfg, out, threads=None, progress=False)
