@@ -46,7 +46,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "decompose": {"method": "lord", "plan": "search", "reduction": 0.1},
         "quantize": {"group_size": 128, "n_seqs": 16, "seq_len": 256},
         # recovery = distillation from the dense teacher (finetune.kd), bounded by time
-        "finetune": {"objective": "kd", "budget_minutes": 2.0, "steps": None, "kd_n_seqs": 44, "n_eval": 4,
+        "finetune": {"objective": "kd", "budget_minutes": 2.0, "steps": None, "kd_n_seqs": 24, "n_eval": 4,
                      "max_seq_len": 256, "micro_batch_size": 2, "grad_accum_steps": 2, "warmup_steps": 2,
                      "eval_every": 1000},
         # HumanEval/0-39 for every variant (issue 13): batched KV-cache decoding, the dense result reused
@@ -60,7 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "calibrate": {"n_seqs": 128, "seq_len": 512},
         "decompose": {"method": "lord", "plan": "search", "reduction": 0.2},
         "quantize": {"group_size": 128, "n_seqs": 128, "seq_len": 512},
-        "finetune": {"objective": "kd", "budget_minutes": 15.0, "steps": None, "kd_n_seqs": 136, "n_eval": 8,
+        "finetune": {"objective": "kd", "budget_minutes": 15.0, "steps": None, "kd_n_seqs": 72, "n_eval": 8,
                      "max_seq_len": 512, "micro_batch_size": 1, "grad_accum_steps": 4, "warmup_steps": 4,
                      "eval_every": 50},
         "evaluate": {"seq_len": 512, "n_windows": 64, "humaneval_problems": 164, "humaneval_max_new_tokens": 512,
