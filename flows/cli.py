@@ -3,10 +3,14 @@
     lord run --preset smoke|default|full [--model M] [--reduction F] [--bits 8 4] [--no-finetune] ...
     lord serve [--stop]
     lord compare [--experiment NAME] [--last N]
+    lord sweep --reductions 0.1 0.2 --plans uniform auto --bits 4 8 [--workers 2 | --dask-address tcp://...]
+    lord retrain --corpus DIR [--data FILE] [--max-ppl-ratio R]; lord models; lord promote NAME VERSION
     lord calibrate|decompose|quantize|finetune|eval --model M --out DIR [stage flags | --set FIELD=VALUE]
     lord vocab --model M --keep N|--coverage F [--corpus DIR] --out DIR
 
-Prefect and MLflow are imported only by the subcommands that need them, so ``lord --help`` is instant.
+Prefect, MLflow and torch are imported only by the subcommands that need them, so ``lord --help`` is instant:
+the library subcommands are parsed by a stub first and their full parsers (which import their packages) are
+built only when one of them is chosen.
 """
 
 from __future__ import annotations
@@ -21,12 +25,27 @@ from typing import Any
 from artifacts.errors import PipelineError
 from flows.errors import FlowError
 from flows.presets import OPTIONAL_STAGES, PRESETS, STAGES, SUPPORTED_BITS
-from sources.compute import DTYPE_CHOICES
+
+# sources.compute.DTYPE_CHOICES, spelled here so the parser does not import torch (a test keeps them equal)
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+# Subcommands whose parsers import their library packages (torch): listed with their help, built on demand.
+LIBRARY_COMMANDS = {
+    "calibrate": "collect per-group input Grams (stats.safetensors)",
+    "decompose": "factor a model with LoRD (or a baseline) into a checkpoint dir",
+    "quantize": "GPTQ/RTN-quantize a model (or a LoRD checkpoint) into a dir",
+    "vocab": "trim a byte-level BPE model's vocabulary to the tokens code uses",
+    "finetune": "QLoRA-finetune a model (or a quantized/LoRD dir) into an adapter dir",
+    "eval": "held-out perplexity (+ --humaneval pass@k in the sandbox) of a model",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, _ = _parser(full=False).parse_known_args(argv)
+    if getattr(args, "command", None) in LIBRARY_COMMANDS:
+        args = _parser(full=True).parse_args(argv)
+    else:
+        args = _parser(full=False).parse_args(argv)
     if getattr(args, "dtype", None):  # the process-wide compute dtype (sources/compute.py), for every stage
         from sources.compute import DTYPE_ENV
 
@@ -45,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(full: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lord", description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=argparse.SUPPRESS,
                    help="compute dtype of every forward (auto: bf16 where the CPU/GPU multiplies it natively, "
@@ -83,8 +102,103 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--runs", nargs="+", metavar="RUN_ID", help="explicit MLflow run ids instead of --last")
     c.set_defaults(func=_cmd_compare)
 
-    _library_commands(sub)
+    _scale_commands(sub)
+    if full:
+        _library_commands(sub)
+    else:
+        for name, text in LIBRARY_COMMANDS.items():
+            stub = sub.add_parser(name, help=text, add_help=False)
+            stub.add_argument("rest", nargs=argparse.REMAINDER)
     return p
+
+
+def _scale_commands(sub: argparse._SubParsersAction) -> None:
+    """Sweeps on Dask, gated retraining and the Model Registry (flows/sweep.py, retrain.py, registry.py)."""
+    w = sub.add_parser("sweep", help="a grid of reduction x plan x bits x vocab as one flow on a Dask cluster")
+    w.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    w.add_argument("--model", help="embedded name, hub id or local dir (default: the preset's)")
+    w.add_argument("--reductions", type=_fraction, nargs="+", default=[0.1], metavar="F")
+    w.add_argument("--plans", nargs="+", default=["uniform"], help="rank plans (lord/ranks.py PLANS)")
+    w.add_argument("--bits", type=int, nargs="+", default=[4], choices=(0, *SUPPORTED_BITS),
+                   help="GPTQ widths; 0 = the float LoRD model (no quantization)")
+    w.add_argument("--vocab", choices=("off", "on", "both"), default="off", help="trim the vocabulary first")
+    w.add_argument("--workers", type=int, default=2, help="local Dask workers, 1 thread each (0: run serially)")
+    w.add_argument("--dask-address", help="use a running Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.FIELD=VALUE")
+    w.add_argument("--runs-dir", default="runs", help="artifact cache; on a multi-machine cluster a shared path")
+    w.add_argument("--experiment", default="lord-sweep")
+    w.set_defaults(func=_cmd_sweep)
+
+    t = sub.add_parser("retrain", help="pipeline on your corpus/data, register the model, gate the champion alias")
+    t.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    t.add_argument("--model")
+    t.add_argument("--corpus", help="directory of .py files (calibration + held-out split)")
+    t.add_argument("--data", help="instruction JSONL for finetuning")
+    t.add_argument("--reduction", type=_fraction)
+    t.add_argument("--bits", type=int, nargs="+", choices=SUPPORTED_BITS)
+    t.add_argument("--no-finetune", dest="finetune", action="store_false")
+    t.add_argument("--max-ppl-ratio", type=float, default=1.0, help="gate: ppl <= champion's x this")
+    t.add_argument("--min-pass1-delta", type=float, default=0.0, help="gate: pass@1 >= champion's + this")
+    t.add_argument("--registered-model", help="registry name (default lord-<model>-<preset>)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.FIELD=VALUE")
+    t.add_argument("--runs-dir", default="runs")
+    t.add_argument("--experiment", default="lord-retrain")
+    t.set_defaults(func=_cmd_retrain)
+
+    m = sub.add_parser("models", help="registered models: versions, aliases, gate outcomes")
+    m.add_argument("--name", help="one registered model (default: all)")
+    m.set_defaults(func=_cmd_models)
+
+    pr = sub.add_parser("promote", help="move an alias (default champion) to a model version by hand")
+    pr.add_argument("name")
+    pr.add_argument("version", type=_positive)
+    pr.add_argument("--alias", default="champion")
+    pr.set_defaults(func=_cmd_promote)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from flows.summary import format_table
+    from flows.sweep import lord_sweep
+
+    vocab = {"off": [False], "on": [True], "both": [False, True]}[args.vocab]
+    result = lord_sweep(preset=args.preset, model=args.model, reductions=args.reductions, plans=args.plans,
+                        bits=args.bits, vocab=vocab, overrides=parse_overrides(args.overrides) or None,
+                        n_workers=args.workers, dask_address=args.dask_address, runs_dir=args.runs_dir,
+                        experiment=args.experiment)
+    print(format_table(result["rows"], ["variant", "n_params", "size_mb", "ppl", "ppl_increase", "pass_at_1",
+                                        "stages_computed", "pareto_size_ppl", "pareto_params_pass1"]))
+    print(f"\n{result['executor']}: shared stages {result['shared_seconds']:.1f} s, points "
+          f"{result['points_seconds']:.1f} s, wall {result['wall_seconds']:.1f} s; MLflow run {result['mlflow_run_id']}")
+    return 0
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from flows.retrain import lord_retrain
+
+    r = lord_retrain(preset=args.preset, model=args.model, corpus=args.corpus, data=args.data,
+                     reduction=args.reduction, bits=args.bits, finetune=args.finetune,
+                     overrides=parse_overrides(args.overrides) or None, max_ppl_ratio=args.max_ppl_ratio,
+                     min_pass_at_1_delta=args.min_pass1_delta, registered_model=args.registered_model,
+                     runs_dir=args.runs_dir, experiment=args.experiment)
+    print(f"{r['registered_model']} v{r['version']}: {'promoted to champion' if r['promoted'] else 'not promoted'}"
+          f" ({r['reason']}); champion is v{r['champion']}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from flows.registry import list_models
+    from flows.summary import format_table
+
+    rows = list_models(args.name)
+    print(format_table(rows) if rows else "no registered models (run `lord retrain` first)")
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from flows.registry import promote
+
+    print(promote(args.name, str(args.version), args.alias))
+    return 0
 
 
 def _fraction(text: str) -> float:
@@ -178,7 +292,7 @@ def _library_commands(sub: argparse._SubParsersAction) -> None:
 
     add_lord_commands(sub)  # lord calibrate, lord decompose
 
-    q = sub.add_parser("quantize", help="GPTQ/RTN-quantize a model (or a LoRD checkpoint) into a dir")
+    q = sub.add_parser("quantize", help=LIBRARY_COMMANDS["quantize"])
     q.add_argument("--model", required=True, help="embedded name, HF dir or artifact dir")
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
@@ -192,7 +306,7 @@ def _library_commands(sub: argparse._SubParsersAction) -> None:
                    help="any QuantConfig field, e.g. --set group_size=64 --set outlier_threshold=0.2")
     q.set_defaults(func=_cmd_quantize)
 
-    v = sub.add_parser("vocab", help="trim a byte-level BPE model's vocabulary to the tokens code uses")
+    v = sub.add_parser("vocab", help=LIBRARY_COMMANDS["vocab"])
     v.add_argument("--model", required=True, help="embedded name, HF dir or dense artifact dir")
     v.add_argument("--out", type=Path, required=True)
     size = v.add_mutually_exclusive_group(required=True)
@@ -201,7 +315,7 @@ def _library_commands(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--corpus", help="directory of .py files to count token use on (default: calibration split)")
     v.set_defaults(func=_cmd_vocab)
 
-    f = sub.add_parser("finetune", help="QLoRA-finetune a model (or a quantized/LoRD dir) into an adapter dir")
+    f = sub.add_parser("finetune", help=LIBRARY_COMMANDS["finetune"])
     f.add_argument("--model", required=True)
     f.add_argument("--out", type=Path, required=True)
     f.add_argument("--data", help="instruction JSONL ({instruction, output} per line; default: built-in set)")
@@ -211,7 +325,7 @@ def _library_commands(sub: argparse._SubParsersAction) -> None:
                    help="any FinetuneConfig field, e.g. --set lr=1e-4")
     f.set_defaults(func=_cmd_finetune)
 
-    e = sub.add_parser("eval", help="held-out perplexity (+ --humaneval pass@k in the sandbox) of a model")
+    e = sub.add_parser("eval", help=LIBRARY_COMMANDS["eval"])
     e.add_argument("--model", required=True)
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--seq-len", type=_positive, default=512)

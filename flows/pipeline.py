@@ -189,7 +189,8 @@ class _Runner:
     def summary(self) -> dict[str, Any]:
         return {"mlflow_run_id": self.tracker.parent_id, "experiment_id": self.tracker.experiment_id,
                 "tracking_uri": self.tracker.uri, "preset": self.spec.preset, "model": self.spec.model,
-                "stages": self.records, "rows": summary_rows(self.variants)}
+                "stages": self.records, "rows": summary_rows(self.variants),
+                "final_model": self.variants[-1]["model"] if self.variants else None}
 
 
 def _join(base: str, step: str) -> str:

@@ -109,7 +109,9 @@ def implicit_inputs(stage: str, cfg: dict[str, Any]) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     if stage in CORPUS_STAGES or (stage == "vocab" and not cfg.get("corpus")):
-        out["corpus"] = code_split().digest
+        # a user corpus (CalibConfig/DecomposeConfig/QuantConfig.corpus, EvalConfig.heldout_root) or the stdlib
+        root = cfg.get("corpus") or cfg.get("heldout_root") if stage in CORPUS_STAGES else None
+        out["corpus"] = code_split(root).digest
     if stage == "vocab" and cfg.get("corpus"):
         out["corpus"] = content_digest(Path(cfg["corpus"]).expanduser())
     if stage == "finetune":

@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import re
+import socket
 import tempfile
 import time
 import urllib.error
@@ -100,6 +101,22 @@ def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def _process_start(pid: int) -> str | None:
+    """Start time (clock ticks since boot) of ``pid`` from /proc, or None when no such process exists."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process owns a parent run (read back by ``Tracker.reap_killed``)."""
+    pid = os.getpid()
+    return {"lord.host": socket.gethostname(), "lord.pid": str(pid), "lord.pid_start": _process_start(pid) or ""}
+
+
 class Tracker:
     """The MLflow side of one flow run."""
 
@@ -126,11 +143,31 @@ class Tracker:
             return self.client.get_experiment_by_name(name).experiment_id
 
     def start_parent(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        self.reap_killed()
         run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                     tags={"lord.kind": "pipeline", **tags})
+                                     tags={"lord.kind": "pipeline", **owner_tags(), **tags})
         self.parent_id = run.info.run_id
         self._log(self.parent_id, params=params)
         return self.parent_id
+
+    def reap_killed(self) -> list[str]:
+        """Mark KILLED the parent runs of this experiment still RUNNING whose process is gone (a SIGKILL or
+        power cut never lets the flow end its run). Only runs started on this host are judged: their PID and
+        its start time (so a reused PID is not mistaken for the owner) are in the run's tags."""
+        killed = []
+        runs = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=500)
+        for r in runs:
+            t = r.data.tags
+            if "mlflow.parentRunId" in t or t.get("lord.host") != socket.gethostname() or not t.get("lord.pid"):
+                continue
+            if _process_start(int(t["lord.pid"])) == t.get("lord.pid_start"):
+                continue  # its process is still running
+            self.client.set_tag(r.info.run_id, "lord.killed_reason",
+                                f"process {t['lord.pid']} on {t['lord.host']} ended without closing the run "
+                                "(killed); marked by a later run")
+            self.client.set_terminated(r.info.run_id, status="KILLED")
+            killed.append(r.info.run_id)
+        return killed
 
     def log_stage(self, stage: str, label: str, cfg: dict[str, Any], result: dict[str, Any] | None,
                   cached: bool, tags: dict[str, str], error: str | None = None) -> str:

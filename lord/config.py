@@ -30,6 +30,7 @@ class CalibConfig:
     ignore: tuple[str, ...] = ()
     statistic: str = "auto"
     dtype: str = "auto"  # forward dtype (sources/compute.py); Grams still accumulate fp32 per batch into fp64
+    corpus: str | None = None  # directory of .py files (its calibration split); None: the CPython stdlib
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16"):  # sources.compute.DTYPE_CHOICES
@@ -77,6 +78,7 @@ class DecomposeConfig:
     # the plan's ranks; sequential_mode "compensate" (best candidate per group) or "stats" (LoRD on those inputs)
     calibration: str = "parallel"
     sequential_mode: str = "compensate"
+    corpus: str | None = None  # code corpus of the plan's loss batches (as CalibConfig.corpus)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -32,7 +32,7 @@ def collect_stats_to_file(model: str, out: Path, cfg: CalibConfig) -> dict:
     fingerprint = model_fingerprint(m)  # of the stored weights, before any cast to the compute dtype
     dtype = compute_dtype("cpu", cfg.dtype)
     m = m.to(dtype)  # forwards only; the hooks upcast each batch to fp32 and sum into fp64 (lord/stats.py)
-    split = code_split()
+    split = code_split(cfg.corpus)
     ids = calibration_batches(tok, split.calibration, n_seqs=cfg.n_seqs, seq_len=cfg.seq_len, seed=cfg.seed)
     groups = find_groups(m, cfg.targets, cfg.ignore)
     t0 = time.perf_counter()
@@ -77,10 +77,10 @@ def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Pat
                       f"calibrate with n_seqs * seq_len >= {max(g.n for g in groups)}", stacklevel=2)
     sens_ids = val_ids = None
     if cfg.plan in ("auto", "search"):
-        sens_ids = calibration_batches(tok, code_split().calibration, n_seqs=cfg.sensitivity_seqs,
+        sens_ids = calibration_batches(tok, code_split(cfg.corpus).calibration, n_seqs=cfg.sensitivity_seqs,
                                        seq_len=cfg.sensitivity_seq_len, seed=cfg.sensitivity_seed)
     if cfg.plan == "search":  # an independent batch re-scores the search's finalists (lord/search.py)
-        val_ids = calibration_batches(tok, code_split().calibration, n_seqs=cfg.sensitivity_seqs,
+        val_ids = calibration_batches(tok, code_split(cfg.corpus).calibration, n_seqs=cfg.sensitivity_seqs,
                                       seq_len=cfg.sensitivity_seq_len, seed=cfg.sensitivity_seed + 1000)
     calib_ids = None
     if cfg.calibration == "sequential":  # the walk replays the statistics' own tokens (checked by their hash)
@@ -111,8 +111,8 @@ def _calibration_ids(tok, meta: dict, stats: Path):
 
     cfg = meta.get("config") or {}
     try:
-        ids = calibration_batches(tok, code_split().calibration, n_seqs=cfg["n_seqs"], seq_len=cfg["seq_len"],
-                                  seed=cfg["seed"])
+        ids = calibration_batches(tok, code_split(cfg.get("corpus")).calibration, n_seqs=cfg["n_seqs"],
+                                  seq_len=cfg["seq_len"], seed=cfg["seed"])
     except KeyError as e:
         raise LordError(f"statistics in {stats} do not record their calibration config ({e}); recollect them "
                         "with lord calibrate") from e

@@ -42,6 +42,7 @@ class QuantConfig:
     seq_len: int = 512
     seed: int = 0
     batch_size: int = 8
+    corpus: str | None = None  # directory of .py files for GPTQ calibration; None: the CPython stdlib
     factor_upfit: bool = False
     factor_balance: bool = False
     down_bits: int | None = None

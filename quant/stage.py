@@ -21,7 +21,7 @@ def quantize_to_dir(model: str, cfg: QuantConfig, out_dir: Path) -> dict[str, An
     ids = None
     split = None
     if cfg.method == "gptq":
-        split = code_split()
+        split = code_split(cfg.corpus)
         ids = calibration_batches(tok, split.calibration, n_seqs=cfg.n_seqs, seq_len=cfg.seq_len, seed=cfg.seed)
     report = quantize_model(m, cfg, ids)
     with atomic_dir(Path(out_dir)) as tmp:

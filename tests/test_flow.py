@@ -195,8 +195,10 @@ def test_prefect_yaml_declares_default_and_weekly_retrain():
 
     doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "prefect.yaml").read_text())
     deps = {d["name"]: d for d in doc["deployments"]}
-    assert {"default", "retrain"} <= set(deps)
-    assert all(d["entrypoint"] == "flows/pipeline.py:lord_pipeline" for d in deps.values())
+    assert {"default", "retrain", "lord-sweep"} <= set(deps)
+    assert deps["default"]["entrypoint"] == "flows/pipeline.py:lord_pipeline"
+    assert deps["retrain"]["entrypoint"] == "flows/retrain.py:lord_retrain"
+    assert deps["lord-sweep"]["entrypoint"] == "flows/sweep.py:lord_sweep"
     assert deps["retrain"]["schedules"][0]["cron"] == "0 3 * * 0"
     from prefect.client.schemas.schedules import CronSchedule
 
