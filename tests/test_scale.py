@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from flows.testing import shared_prefect_harness, temp_mlflow_store
+from bench.harness import shared_prefect_harness, temp_mlflow_store
 
 TINY = "tinycoder-random"
 TINY_OVERRIDES = {
