@@ -32,7 +32,6 @@ from flows.registry import (
     version_by_alias,
 )
 from flows.stages import content_hash
-from flows.summary import pick
 from flows.tasks import submit_stage
 from flows.tracking import tracking_uri
 
@@ -89,7 +88,7 @@ def lord_retrain(
                            overrides=ov, runs_dir=runs_dir, experiment=experiment)
     final = result["final_model"]
     row = result["rows"][-1]
-    new = {"ppl": pick(row, "ppl"), "pass_at_1": pick(row, "pass_at_1")}
+    new = {"ppl": row.get("ppl"), "pass_at_1": row.get("pass_at_1")}
     digest = content_hash(final)
     ensure_model(reg, name, f"LoRD pipeline ({spec.model}, preset {spec.preset}); champion = gated best")
     champ = version_by_alias(reg, name, CHAMPION)
@@ -109,7 +108,7 @@ def lord_retrain(
         state, _, _ = submit_stage("evaluate", eval_cfg, {"model": champ_dir}, Path(runs_dir).resolve(),
                                    f"evaluate[champion v{champ.version}]")
         m = state.result()["metrics"]
-        champ_metrics = {"ppl": pick(m, "ppl"), "pass_at_1": pick(m, "pass_at_1")}
+        champ_metrics = {"ppl": m.get("ppl"), "pass_at_1": m.get("pass_at_1")}
     promote, reason = gate(new, champ_metrics, gate_cfg)
     set_gate_outcome(reg, name, version.version, promote, reason)
     if champ_metrics:

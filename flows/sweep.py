@@ -31,7 +31,7 @@ from flows.pareto import pareto_rows, write_pareto_plots
 from flows.pipeline import _Runner, _stage_configs
 from flows.presets import SUPPORTED_BITS, resolve_spec
 from flows.stages import STATS_FILE
-from flows.summary import pick
+from flows.summary import ROW_METRICS
 from flows.tasks import submit_stage
 from flows.tracking import Tracker
 
@@ -200,6 +200,7 @@ def _merge(a: dict[str, dict[str, Any]] | None, b: dict[str, dict[str, Any]]) ->
 def _shared_stages(points: list[SweepPoint], specs: dict, cfgs: dict, shared: _Runner) -> list[dict[str, Any]]:
     """Dense evaluation, vocab trimming and calibration once per distinct base, here in the driver; returns
     one job (the point's configs, its base model and statistics) per grid point."""
+    shared._final = "dense"  # the dense baseline gets the full evaluation config, like every point's final model
     shared._evaluate("dense", specs[points[0]].model, {})
     bases: dict[bool, tuple[str, str]] = {}
     jobs = []
@@ -226,15 +227,15 @@ def base_name(p: SweepPoint) -> str:
 def _log_points(tracker: Tracker, shared: _Runner, results: list[dict[str, Any]],
                 points: dict[str, SweepPoint]) -> dict[str, Any]:
     dense = next((v["metrics"] for v in shared.variants if v["variant"] == "dense"), {})
-    dense_ppl, dense_params = pick(dense, "ppl"), pick(dense, "n_params")
+    dense_ppl, dense_params = dense.get(ROW_METRICS["ppl"]), dense.get(ROW_METRICS["n_params"])
     rows = [{"variant": "dense", "reduction": 0.0, "plan": "-", "bits": 0, "vocab": False,
-             "n_params": dense_params, "size_mb": pick(dense, "size_mb"), "ppl": dense_ppl,
-             "pass_at_1": pick(dense, "pass_at_1"), "ppl_increase": 0.0, "param_reduction": 0.0}]
+             "n_params": dense_params, "size_mb": dense.get(ROW_METRICS["size_mb"]), "ppl": dense_ppl,
+             "pass_at_1": dense.get(ROW_METRICS["pass_at_1"]), "ppl_increase": 0.0, "param_reduction": 0.0}]
     for res in results:
         p = points[res["name"]]
         m = res.get("metrics", {})
-        row = {"variant": p.name, **p.params(), "n_params": pick(m, "n_params"), "size_mb": pick(m, "size_mb"),
-               "ppl": pick(m, "ppl"), "pass_at_1": pick(m, "pass_at_1"), "seconds": res.get("seconds"),
+        row = {"variant": p.name, **p.params(), **{col: m.get(key) for col, key in ROW_METRICS.items()},
+               "seconds": res.get("seconds"),
                "stages_computed": sum(not s["cached"] and not s["reused"] for s in res.get("stages", [])),
                "worker_pid": res.get("worker_pid")}
         if isinstance(row["ppl"], (int, float)) and dense_ppl:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from bench.harness import shared_prefect_harness, temp_mlflow_store
 
 TINY = "tinycoder-random"
