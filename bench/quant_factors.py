@@ -166,13 +166,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--lord", required=True, help="LoRD float checkpoint dir (lord decompose --out)")
-    ap.add_argument("--variants", nargs="*", default=[*DENSE, *VARIANTS])
+    ap.add_argument("--variants", nargs="*", default=[*DENSE, "diagnose", *VARIANTS],
+                    help="steps in order: dense variants, 'diagnose' (per-group errors), LoRD variants")
     ap.add_argument("--diagnose-layers", nargs="*", type=int, default=[2, 12, 21])
     ap.add_argument("--calib-seqs", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--ppl-len", type=int, default=512)
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--ppl-dense", type=float, default=None, help="dense held-out ppl from an earlier run")
+    ap.add_argument("--gptq-threads", type=int, default=None, help="torch threads while quantizing")
+    ap.add_argument("--stop-at", type=float, default=None, help="unix time after which no new step starts")
     ap.add_argument("--merge-only", action="store_true", help="only merge quant_factors.json into quality.json")
     args = ap.parse_args()
     if args.merge_only:
@@ -189,12 +193,29 @@ def main() -> None:
     prev = RESULTS / f"{out_name}.json"
     doc = json.loads(prev.read_text()) if prev.is_file() else {}
     records: list[dict] = [r for r in doc.get("records", []) if r["variant"] not in args.variants]
-    diag: list[dict] = doc.get("diagnosis", []) if not args.diagnose_layers else []
+    diag: list[dict] = doc.get("diagnosis", []) if "diagnose" not in args.variants else []
 
     dense, tok = load_model(args.model)
     ids = calibration_batches(tok, split.calibration, n_seqs=args.calib_seqs, seq_len=args.calib_len, seed=0)
-    ppl_dense = heldout_ppl(dense, tok, split, args)
+    ppl_dense = args.ppl_dense or heldout_ppl(dense, tok, split, args)
     print(f"dense ppl {ppl_dense:.4f}")
+    protocol["ppl_dense_from"] = "--ppl-dense (an earlier run, same windows)" if args.ppl_dense else "this run"
+
+    def quantize(m, cfg):
+        """GPTQ's column loop is thousands of small ops: on a contended CPU one thread ran it 2.3x faster."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.gptq_threads or threads)
+        try:
+            t0 = time.perf_counter()
+            return quantize_model(m, cfg, ids), time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(threads)
+
+    def time_left() -> bool:
+        if args.stop_at and time.time() > args.stop_at:
+            print("stopping: --stop-at reached")
+            return False
+        return True
 
     def record(variant: str, plan: str, model, cfg, secs: float, ppl: float, ppl_float: float, rep) -> None:
         summ = rep.summary()
@@ -215,12 +236,13 @@ def main() -> None:
         write_results(out_name, protocol, records, diagnosis=diag)
 
     for variant in [v for v in args.variants if v in DENSE]:
+        if not time_left():
+            break
         cfg = QuantConfig(bits=4, group_size=args.group_size, act_order=True, n_seqs=args.calib_seqs,
                           seq_len=args.calib_len, **DENSE[variant])
         m = copy.deepcopy(dense)
-        t0 = time.perf_counter()
-        rep = quantize_model(m, cfg, ids)
-        record(variant, "dense", m, cfg, time.perf_counter() - t0, heldout_ppl(m, tok, split, args), ppl_dense, rep)
+        rep, secs = quantize(m, cfg)
+        record(variant, "dense", m, cfg, secs, heldout_ppl(m, tok, split, args), ppl_dense, rep)
         del m
     del dense
     gc.collect()
@@ -228,19 +250,24 @@ def main() -> None:
     lord, _ = load_model(str(lord_dir))
     ppl_float = heldout_ppl(lord, tok, split, args)
     print(f"lord float ppl {ppl_float:.4f}")
-    if args.diagnose_layers:
-        t0 = time.perf_counter()
-        diag.extend(diagnose(lord, ids, args.diagnose_layers, args.group_size))
-        print(f"diagnosis {time.perf_counter() - t0:.0f}s")
-        write_results(out_name, protocol, records, diagnosis=diag)
     plan = lmeta.get("plan", "lord")
-    for variant in [v for v in args.variants if v in VARIANTS]:
+    for step in [v for v in args.variants if v in VARIANTS or v == "diagnose"]:  # in the order given
+        if not time_left():
+            break
+        if step == "diagnose":
+            t0 = time.perf_counter()
+            threads = torch.get_num_threads()
+            torch.set_num_threads(args.gptq_threads or threads)
+            diag.extend(diagnose(lord, ids, args.diagnose_layers, args.group_size))
+            torch.set_num_threads(threads)
+            print(f"diagnosis {time.perf_counter() - t0:.0f}s")
+            write_results(out_name, protocol, records, diagnosis=diag)
+            continue
         cfg = QuantConfig(bits=4, group_size=args.group_size, act_order=True, n_seqs=args.calib_seqs,
-                          seq_len=args.calib_len, **VARIANTS[variant])
+                          seq_len=args.calib_len, **VARIANTS[step])
         m = copy.deepcopy(lord)
-        t0 = time.perf_counter()
-        rep = quantize_model(m, cfg, ids)
-        record(variant, plan, m, cfg, time.perf_counter() - t0, heldout_ppl(m, tok, split, args), ppl_float, rep)
+        rep, secs = quantize(m, cfg)
+        record(step, plan, m, cfg, secs, heldout_ppl(m, tok, split, args), ppl_float, rep)
         del m
         gc.collect()
     merge_quality(records, protocol)
