@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from common import merge_records, write_results  # noqa: I001  (bench/ is on sys.path)
 
 from evaluation.evaluate import logical_params
@@ -95,6 +96,7 @@ def main() -> None:
             rec, det = blockwise_run(args, files, dense, lord)
             records.append({**common, **rec})
             details.append(det)
+            write(args, common, dense, lord, records, details)
             continue
         cfg = FinetuneConfig(
             objective=objective, budget_minutes=args.budget_minutes, budget_clock="process", steps=None,
@@ -117,12 +119,18 @@ def main() -> None:
                                                  "eval_loss_before", "eval_loss_after", "train_loss_first",
                                                  "train_loss_last", "total_seconds", "peak_rss_mb",
                                                  "n_train_examples", "curve")}})
+        write(args, common, dense, lord, records, details)
+
+
+def write(args: argparse.Namespace, common: dict, dense: dict, lord: dict, records: list, details: list) -> None:
+    """Results so far (called after every arm, so a run cut short keeps what it measured)."""
     base = {**common, "stage": "parallel", "params": lord["params"], "ppl": lord["ppl"],
             "ppl_increase": lord["ppl"] / dense["ppl"] - 1, "seconds": None}
     protocol = {"heldout": "stdlib held-out split (never calibrated or distilled on)", **PPL.to_dict(),
                 "budget_minutes": args.budget_minutes, "budget_clock": "process (CPU seconds / threads)",
-                "base": "NF4 + LoRA r16 on all linears, compute dtype by sources.compute, eval of the merged float model",
-                "lord": args.lord, "lr": args.lr}
+                "base": "NF4 + LoRA r16 on all linears, compute dtype by sources.compute, eval of the merged float "
+                        "model", "lord": args.lord, "lr": args.lr, "kd_windows": args.kd_seqs,
+                "threads": torch.get_num_threads()}
     write_results("recovery", protocol, [base] + records, details=details)
     merge_records("quality", records, protocol={"recovery": protocol})
 
