@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import write_results  # noqa: E402
+from bench.common import RESULTS, write_results  # noqa: E402
 from evaluation.perplexity import PerplexityConfig, perplexity  # noqa: E402
 from sources import code_split, load_model, token_stream  # noqa: E402
 from sources.models import weights_bytes  # noqa: E402
@@ -44,7 +44,7 @@ from vocab import (  # noqa: E402
 )
 from vocab.count import count_token_use  # noqa: E402
 
-KEEPS = {"smollm2-135m": (8192, 16384, 24576), "qwen2.5-coder-0.5b": (16384, 32768, 65536)}
+KEEPS = {"qwen2.5-coder-0.5b": (16384, 32768, 65536), "smollm2-135m": (8192, 16384, 24576)}
 WINDOWS = {"smollm2-135m": 8, "qwen2.5-coder-0.5b": 4}
 SEQ_LEN = 512
 FORWARD_LEN = 256
@@ -62,10 +62,20 @@ def main() -> None:
     split = code_split()
     texts = battery(n_random=args.battery, seed=7)
     records: list[dict[str, Any]] = []
-    for name in args.models:
+    for name in args.models:  # results written after each model, so a cut-short run keeps what it measured
         keeps = args.keeps or KEEPS[name]
         records += (bench_tokenizer(name, keeps, split, texts) if args.tokenizer_only
                     else bench_model(name, keeps, args.windows or WINDOWS[name], split, texts))
+        _write(args, records, texts)
+
+
+def _write(args: argparse.Namespace, records: list[dict[str, Any]], texts: list[str]) -> None:
+    """Write the envelope; records of models this run has not (yet) measured are carried over from the
+    previous results file (e.g. a tokenizer-only run), marked by their own ``measured`` field."""
+    done = {r["model"] for r in records}
+    previous = RESULTS / "vocab.json"
+    carried = [r for r in json.loads(previous.read_text())["records"] if r["model"] not in done] \
+        if previous.is_file() else []
     write_results("vocab", {
         "count_corpus": "calibration split of the CPython stdlib (sources.corpus.code_split)",
         "heldout": f"held-out split, {SEQ_LEN}-token disjoint windows (evaluation.perplexity), bits per byte",
@@ -75,7 +85,7 @@ def main() -> None:
         "speed": f"middle keep setting only; forward: 1 x {FORWARD_LEN} tokens, median of 3 alternated with the original; generation: "
                  "greedy, 32 new tokens after a 19-token code prompt, median of 3 alternated",
         "windows": {m: args.windows or WINDOWS[m] for m in args.models},
-    }, records)
+    }, records + carried)
 
 
 def bench_model(name: str, keeps: tuple[int, ...], windows: int, split: Any, texts: list[str]) -> list[dict]:
