@@ -95,21 +95,52 @@ def build_checkpoint(model: str, cfg: QuantConfig, out: Path) -> None:
         save_quantized(m, tok, tmp, cfg)
 
 
+# The 0.5B (--real): GPTQ-4 g128 of the dense model, of its LoRD -10% (uniform) factorisation, and of that LoRD
+# model with per-factor widths (h14-quant's down_bits: 8-bit bottleneck, 4-bit up), with a small calibration
+# (interop checks the checkpoint format and kernels, not quantization quality: bench/quant.py measures that).
+REAL_CASES = {
+    "dense_4bit_g128": (False, QuantConfig(bits=4, group_size=128, n_seqs=4, seq_len=256)),
+    "lord10_4bit_g128": (True, QuantConfig(bits=4, group_size=128, n_seqs=4, seq_len=256)),
+    "lord10_down8_up4_g128": (True, QuantConfig(bits=4, down_bits=8, group_size=128, n_seqs=4, seq_len=256)),
+}
+
+
+def lord_base(model: str, work: Path) -> str:
+    """A LoRD -10% (uniform plan) checkpoint of ``model``, built once per run."""
+    from lord import CalibConfig, DecomposeConfig, collect_stats_to_file, decompose_to_dir
+
+    out = work / "lord10"
+    if not out.is_dir():
+        stats = work / "stats.safetensors"
+        collect_stats_to_file(model, stats, CalibConfig(n_seqs=16, seq_len=256))
+        decompose_to_dir(model, stats, DecomposeConfig(plan="uniform", reduction=0.1), out)
+    return str(out)
+
+
 def main() -> None:
     import argparse
+    import json
 
     import gptqmodel
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2-135m", help=f"a model spec, or {TINY} for a light run")
-    model_spec = ap.parse_args().model
+    ap.add_argument("--real", action="store_true", help="the REAL_CASES (dense, LoRD, mixed-width LoRD) on "
+                    "--model, GPTQModel only; records of other models already in the results file are kept")
+    args = ap.parse_args()
+    model_spec = args.model
     torch.manual_seed(0)
     split = code_split()
     records = []
     work = Path(tempfile.mkdtemp(prefix="quant-interop-"))
-    for case, cfg in CASES.items():
+    cases = ({c: (lord_base(model_spec, work) if factored else model_spec, cfg)
+              for c, (factored, cfg) in REAL_CASES.items()} if args.real
+             else {c: (model_spec, cfg) for c, cfg in CASES.items()})
+    loaders = (("gptqmodel", load_gptqmodel),) if args.real else (("gptqmodel", load_gptqmodel),
+                                                                   ("transformers", load_transformers))
+    for case, (source, cfg) in cases.items():
         out = work / case
-        build_checkpoint(model_spec, cfg, out)
+        build_checkpoint(source, cfg, out)
         ours, tok = load_quantized(out)
         ids = token_stream(tok, split.heldout, max_tokens=2 * 256).view(2, 256)
         ref32 = logits_of(ours, ids)
@@ -118,8 +149,9 @@ def main() -> None:
         ref = logits_of(ours16, ids)
         noise = rel(ref, ref32)
         del ours16
-        for loader_name, loader in (("gptqmodel", load_gptqmodel), ("transformers", load_transformers)):
+        for loader_name, loader in loaders:
             rec = {"model": model_spec, "case": case, "loader": loader_name, "bits": cfg.bits,
+                   "factored": source != model_spec, "down_bits": cfg.down_bits,
                    "group_size": cfg.group_size, "act_order": cfg.act_order, "sym": cfg.sym,
                    "ours_bf16_vs_fp32_logits_rel_err": round(noise, 5)}
             try:
@@ -133,9 +165,10 @@ def main() -> None:
             except Exception as e:  # record why a loader refused, do not hide it
                 rec.update({"ok": False, "error": f"{type(e).__name__}: {e}"[:400]})
                 traceback.print_exc()
-            print(rec)
+            print(rec, flush=True)
             records.append(rec)
-    write_results("quant_interop", {
+            theirs = None
+    protocol = {
         "model": model_spec, "tokens": "2 x 256 held-out tokens",
         "ours": "quant.load_quantized in bfloat16 (and float32 for the noise floor)",
         "gptqmodel": f"gptqmodel {gptqmodel.__version__}, BACKEND.TORCH, cpu, bfloat16",
@@ -144,7 +177,16 @@ def main() -> None:
         "tiny_model": "tiny-random-llama: random 2-layer Llama (hidden 256, MLP 512) with SmolLM2's tokenizer",
         "ok": "every quantized layer found, dequantized weights within 1% (bf16 scales), logits rel err "
               "< 3x our own bf16-vs-fp32 difference",
-    }, records)
+    }
+    if args.real:  # keep the earlier (tiny/other-model) records and protocol beside the new ones
+        path = Path(__file__).resolve().parent / "results" / "quant_interop.json"
+        old = json.loads(path.read_text()) if path.is_file() else {"records": [], "protocol": {}}
+        records = [r for r in old["records"] if r.get("model") != model_spec] + records
+        protocol = {**old["protocol"], f"real_{model_spec}": {
+            "cases": {c: {"factored": f, **cfg.to_dict()} for c, (f, cfg) in REAL_CASES.items()},
+            "lord": "uniform plan, -10% params, 16 x 256 calibration tokens", "loaders": "gptqmodel only",
+            "tokens": "2 x 256 held-out tokens"}}
+    write_results("quant_interop", protocol, records)
 
 
 if __name__ == "__main__":
