@@ -34,7 +34,7 @@ from common import RESULTS, write_results  # noqa: I001  (bench/ is on sys.path)
 import forward
 from evaluation import perplexity
 from quant import QuantConfig, quantize_model, save_quantized
-from quant.factors import balance_scales, factor_groups, pair_error, refit_up
+from quant.factors import balance_scales, factor_groups, pair_error, refit_up, rotation
 from quant.gptq import GPTQ
 from quant.rtn import rtn_quantize
 from quant.sequential import _collect_hessians
@@ -50,6 +50,9 @@ VARIANTS: dict[str, dict] = {
     "gptq4-upfit-down8": {"factor_upfit": True, "down_bits": 8},
     "gptq4-mse": {"grid": "mse"},
     "gptq4-upfit-mse": {"factor_upfit": True, "grid": "mse"},
+    "gptq4-rotate": {"factor_rotate": True},
+    "gptq4-rotate-upfit": {"factor_rotate": True, "factor_upfit": True},
+    "gptq4-rotate-upfit-mse": {"factor_rotate": True, "factor_upfit": True, "grid": "mse"},
 }
 DENSE = {"dense": {}, "dense-mse": {"grid": "mse"}}  # the dense model's GPTQ-4, stage gptq4 / gptq4-mse
 
@@ -85,10 +88,15 @@ def _upfit(up, down, qd, hx: GPTQ, gs: int, mse: bool) -> torch.Tensor:
 
 
 def diagnose_group(layer, g, stats: dict[str, GPTQ], gs: int) -> dict:
-    """Errors of every treatment of one group, relative to its float output energy on the calibration inputs."""
+    """One group of a decoder layer, with the Hessians the GPTQ walk collected."""
     down = layer.get_submodule(g.down).weight.detach().float()
     up = torch.cat([layer.get_submodule(u).weight.detach().float() for u in g.ups])
-    hx, hu = stats[g.down], stats[g.ups[0]]  # every member's up reads the same bottleneck
+    return {"group": g.down.rsplit(".", 1)[0], **diagnose_pair(down, up, stats[g.down], stats[g.ups[0]], gs)}
+
+
+def diagnose_pair(down: torch.Tensor, up: torch.Tensor, hx: GPTQ, hu: GPTQ, gs: int) -> dict:
+    """Errors of every treatment of one pair (``up`` = the members' ups stacked; every member reads the same
+    bottleneck), relative to the pair's float output energy on the calibration inputs."""
     h = hx.H
     w_hat = up @ down
     base = float(((w_hat @ h) * w_hat).sum())
@@ -106,6 +114,12 @@ def diagnose_group(layer, g, stats: dict[str, GPTQ], gs: int) -> dict:
     hub = GPTQ(up.shape[1])
     hub.H, hub.n_samples = (h.new_tensor(0) + (down_b @ h @ down_b.T)).float(), hx.n_samples
     qd_b, qu_b = _gptq(hx, down_b, 4, gs), _gptq(hub, up_b, 4, gs)
+    rot = rotation(down.shape[0]).float()
+    down_r, up_r = rot.T @ down, up @ rot
+    hur = GPTQ(up.shape[1])
+    hur.H, hur.n_samples = (down_r @ h @ down_r.T).float(), hx.n_samples
+    qd_r, qu_r = _gptq(hx, down_r, 4, gs), _gptq(hur, up_r, 4, gs)
+    qu_r_fit = _upfit(up_r, down_r, qd_r, hx, gs, False)
     q_prod = _gptq(hx, w_hat, 4, gs)
     e_prod = w_hat - q_prod
     e_mse = w_hat - _gptq(hx, w_hat, 4, gs, True)
@@ -113,7 +127,7 @@ def diagnose_group(layer, g, stats: dict[str, GPTQ], gs: int) -> dict:
     offdiag = hud - torch.diag(hud.diagonal())
     rows = down.norm(dim=1)
     return {
-        "group": g.down.rsplit(".", 1)[0], "rank": down.shape[0], "in": down.shape[1], "out": up.shape[0],
+        "rank": down.shape[0], "in": down.shape[1], "out": up.shape[0],
         "down_only": _rel(pair_error(up, qd4, up, down, h), base),
         "up_only_gptq": _rel(pair_error(qu4, down, up, down, h), base),
         "up_only_rtn": _rel(pair_error(qu4_rtn, down, up, down, h), base),
@@ -122,6 +136,9 @@ def diagnose_group(layer, g, stats: dict[str, GPTQ], gs: int) -> dict:
         "both_upfit": _rel(pair_error(qu_fit, qd4, up, down, h), base),
         "both_mse": _rel(pair_error(qu_mse, qd_mse, up, down, h), base),
         "both_upfit_mse": _rel(pair_error(qu_fit_mse, qd_mse, up, down, h), base),
+        "both_rotated": _rel(pair_error(qu_r, qd_r, up_r, down_r, h), base),
+        "up_only_rotated": _rel(pair_error(qu_r, down_r, up_r, down_r, h), base),
+        "both_rotated_upfit": _rel(pair_error(qu_r_fit, qd_r, up_r, down_r, h), base),
         "both_balanced": _rel(pair_error(qu_b, qd_b, up_b, down_b, h), base),
         "down8_up4": _rel(pair_error(qu4, qd8, up, down, h), base),
         "down4_up8": _rel(pair_error(qu8, qd4, up, down, h), base),
@@ -154,6 +171,43 @@ def diagnose(model, ids, layers_wanted: list[int], gs: int) -> list[dict]:
     return out
 
 
+def diagnose_offline(lord_dir: Path, stats_path: Path, dense_dir: Path, layers: list[int], gs: int) -> list[dict]:
+    """The same per-group diagnosis from tensors on disk, without running the model: the LoRD factors, the
+    dense weights and the decomposition's own calibration Grams ``G = X^T X`` (dense-model inputs, input-side
+    groups only). ``up``'s Hessian is then ``down G down^T``. Adds the dense weight's own GPTQ-4 error."""
+    from safetensors import safe_open
+
+    cfg = json.loads((lord_dir / "config.json").read_text())["lord"]["groups"]
+    st = safe_open(str(stats_path), "pt")
+    sides = json.loads(st.metadata().get("sides", "{}"))
+    fl = safe_open(str(lord_dir / "model.safetensors"), "pt")
+    fd = safe_open(str(dense_dir / "model.safetensors"), "pt")
+    out = []
+    for name, spec in cfg.items():
+        i = int(name.split(".layers.")[1].split(".")[0])
+        if i not in layers or sides.get(name, "input") != "input":
+            continue
+        members = spec["members"]
+        down = fl.get_tensor(f"{members[0]}.down.weight").float()
+        up = torch.cat([fl.get_tensor(f"{m}.up.weight").float() for m in members])
+        w = torch.cat([fd.get_tensor(f"{m}.weight").float() for m in members])
+        g = st.get_tensor(f"{name}.gram").float()
+        hx = GPTQ(g.shape[0])
+        hx.H, hx.n_samples = 2 * g / g.diagonal().mean(), 1
+        hu = GPTQ(down.shape[0])
+        hu.H, hu.n_samples = down @ hx.H @ down.T, 1
+        base_w = float(((w @ hx.H) * w).sum())
+        e_w = w - _gptq(hx, w, 4, gs)
+        e_t = w - up @ down
+        rec = {"layer": i, "group": name.split(f".layers.{i}.")[1], **diagnose_pair(down, up, hx, hu, gs),
+               "dense_weight_gptq4": _rel(float(((e_w @ hx.H) * e_w).sum()), base_w),
+               "lord_truncation": _rel(float(((e_t @ hx.H) * e_t).sum()), base_w),
+               "outlier_ratio_dense": _outlier_ratio(w, gs)}
+        print(json.dumps(rec))
+        out.append(rec)
+    return out
+
+
 def size_mb(model, tok, cfg: QuantConfig) -> float:
     tmp = Path(tempfile.mkdtemp(prefix="qf-", dir=str(Path(tempfile.gettempdir()))))
     try:
@@ -177,8 +231,21 @@ def main() -> None:
     ap.add_argument("--ppl-dense", type=float, default=None, help="dense held-out ppl from an earlier run")
     ap.add_argument("--gptq-threads", type=int, default=None, help="torch threads while quantizing")
     ap.add_argument("--stop-at", type=float, default=None, help="unix time after which no new step starts")
+    ap.add_argument("--offline-stats", default=None, help="diagnose from the decomposition's stats.safetensors "
+                    "and the checkpoints on disk (no model forward), then stop")
+    ap.add_argument("--no-quality", action="store_true", help="do not merge into quality.json (smoke runs)")
     ap.add_argument("--merge-only", action="store_true", help="only merge quant_factors.json into quality.json")
     args = ap.parse_args()
+    if args.offline_stats:
+        from sources.models import resolve_model_dir
+
+        diag = diagnose_offline(Path(args.lord), Path(args.offline_stats), resolve_model_dir(args.model),
+                                args.diagnose_layers, args.group_size)
+        prev = RESULTS / "quant_factors.json"
+        doc = json.loads(prev.read_text()) if prev.is_file() else {"protocol": {}, "records": []}
+        write_results("quant_factors", doc["protocol"], doc["records"], **{k: v for k, v in doc.items() if k not in (
+            "benchmark", "created", "environment", "protocol", "records")}, diagnosis_offline=diag)
+        return
     if args.merge_only:
         doc = json.loads((RESULTS / "quant_factors.json").read_text())
         merge_quality(doc["records"], doc["protocol"])
@@ -230,7 +297,7 @@ def main() -> None:
                "size_mb": round(size_mb(model, tok, cfg), 1),
                "avg_bits_per_weight": round(summ["avg_bits_per_weight"], 4), "seconds": round(secs, 1),
                "config": {k: v for k, v in cfg.to_dict().items() if k in ("bits", "group_size", "act_order",
-                          "factor_upfit", "factor_balance", "down_bits", "up_bits", "grid", "n_seqs", "seq_len")}}
+                          "factor_upfit", "factor_balance", "factor_rotate", "down_bits", "up_bits", "grid", "n_seqs", "seq_len")}}
         print(json.dumps(rec))
         records.append(rec)
         write_results(out_name, protocol, records, diagnosis=diag)
@@ -270,7 +337,8 @@ def main() -> None:
         record(step, plan, m, cfg, secs, heldout_ppl(m, tok, split, args), ppl_float, rep)
         del m
         gc.collect()
-    merge_quality(records, protocol)
+    if not args.no_quality:
+        merge_quality(records, protocol)
 
 
 def merge_quality(records: list[dict], protocol: dict) -> None:

@@ -25,8 +25,9 @@ class QuantConfig:
 
     LoRD factor pairs (quant/factors.py, measured in bench/quant_factors.py): ``factor_upfit`` quantizes
     each group's ``down`` first and refits + GPTQs every ``up`` against the quantized bottleneck;
-    ``factor_balance`` rescales rank directions before quantizing; ``down_bits`` / ``up_bits`` give the
-    factors their own width (None: ``bits``). Dense linears ignore all four. ``grid="mse"`` clips every
+    ``factor_balance`` rescales rank directions before quantizing; ``factor_rotate`` turns each group's rank
+    space by a random orthogonal matrix so ``up``'s Hessian is no longer diagonal; ``down_bits`` / ``up_bits`` give the
+    factors their own width (None: ``bits``). Dense linears ignore all five. ``grid="mse"`` clips every
     group's grid to its lowest rounding error instead of spanning min..max (quant.grid.fit_grid_mse).
     """
 
@@ -45,6 +46,7 @@ class QuantConfig:
     corpus: str | None = None  # directory of .py files for GPTQ calibration; None: the CPython stdlib
     factor_upfit: bool = False
     factor_balance: bool = False
+    factor_rotate: bool = False
     down_bits: int | None = None
     up_bits: int | None = None
     grid: str = "minmax"

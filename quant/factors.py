@@ -156,3 +156,30 @@ class FactorPlan:
         """Record a quantized ``down`` (dequantized, float32) for its members' refits."""
         if self.cfg.factor_upfit and name in self.downs:
             self._q_down[name] = qw.dequantize().float()
+
+
+def rotation(rank: int, seed: int = 0) -> torch.Tensor:
+    """A random orthogonal ``rank x rank`` matrix (QR of a seeded Gaussian, signs fixed so it is Haar)."""
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(rank, rank, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))[None, :]
+
+
+@torch.no_grad()
+def rotate_factors_(layer: nn.Module, seed: int = 0) -> int:
+    """``up <- up R``, ``down <- R^T down`` with a random orthogonal ``R`` per group (exact in float).
+
+    Why: LoRD's ``up`` reads ``down x`` whose Hessian ``down G down^T`` is diagonal (the eigenbasis), so
+    GPTQ's error feedback cannot help ``up`` and it is quantized like round-to-nearest; after a rotation
+    that Hessian is dense and GPTQ compensates each column's rounding on the others (QuIP's incoherence,
+    Chee et al. 2023). Returns the number of groups rotated."""
+    n = 0
+    for k, g in enumerate(factor_groups(layer)):
+        down = layer.get_submodule(g.down)
+        rot = rotation(down.weight.shape[0], seed + k)
+        down.weight.copy_((rot.T @ down.weight.double()).to(down.weight.dtype))
+        for u in g.ups:
+            up = layer.get_submodule(u)
+            up.weight.copy_((up.weight.double() @ rot).to(up.weight.dtype))
+        n += 1
+    return n

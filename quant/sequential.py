@@ -23,7 +23,7 @@ import forward
 from forward import ForwardError
 from quant.config import QuantConfig
 from quant.errors import QuantError
-from quant.factors import FactorPlan, balance_factors_
+from quant.factors import FactorPlan, balance_factors_, rotate_factors_
 from quant.gptq import GPTQ
 from quant.qlinear import QuantLinear
 from quant.result import QuantizedWeight, check_group_size
@@ -97,8 +97,10 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor |
     report = QuantReport()
     t0 = time.perf_counter()
     with torch.no_grad():
-        if cfg.factor_balance:  # exact in float: before the capture, so every Hessian sees balanced factors
-            for layer in layers:
+        for layer in layers:  # exact in float: before the capture, so every Hessian sees the new factors
+            if cfg.factor_rotate:
+                rotate_factors_(layer, cfg.seed)
+            if cfg.factor_balance:
                 balance_factors_(layer)
         if cfg.method == "rtn":
             for i, layer in enumerate(tqdm(layers, desc="rtn", unit="layer")):

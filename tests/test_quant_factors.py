@@ -132,3 +132,33 @@ def test_factor_groups_name_the_shared_down_once(tiny_qwen2):
 def test_bad_factor_options_are_rejected(kw):
     with pytest.raises(QuantError):
         QuantConfig(**kw)
+
+
+def test_rotation_is_exact_in_float_and_lets_gptq_beat_rounding_on_up(tiny_qwen2, calib_ids):
+    from quant.factors import rotate_factors_, rotation
+
+    _factor(tiny_qwen2, rank=24)
+    ref = logits(tiny_qwen2, calib_ids)
+    for layer in tiny_qwen2.model.layers:
+        assert rotate_factors_(layer) == 2
+    torch.testing.assert_close(logits(tiny_qwen2, calib_ids), ref, rtol=1e-4, atol=1e-4)
+    # a LoRD pair: up's Hessian down G down^T is diagonal, so GPTQ = RTN on up; rotated, GPTQ wins
+    up, down, x = _imbalanced_pair()
+    lam = (down @ x.T).square().mean(1)
+    down = torch.diag(lam.rsqrt()) @ down * torch.logspace(1, -2, down.shape[0])[:, None]  # decaying spectrum
+    h = x.T @ x / x.shape[0]
+    w, vecs = torch.linalg.eigh(down @ h @ down.T)
+    down = vecs.T @ down  # now down h down^T is diagonal, as for LoRD
+    hx = _hessian(x)
+
+    def up_error(u, d):
+        hu = GPTQ(d.shape[0])
+        hu.H, hu.n_samples = 2 * d @ hx.H @ d.T / 2, 1
+        q = hu.quantize(u, 4, 16, act_order=True).dequantize()
+        return pair_error(q, d, u, d, hx.H), pair_error(rtn_quantize(u, 4, 16, True).dequantize(), d, u, d, hx.H)
+
+    gptq, rtn = up_error(up, down)
+    assert gptq == pytest.approx(rtn, rel=0.02)  # diagonal Hessian: nothing to feed back
+    rot = rotation(down.shape[0]).float()
+    gptq_r, _ = up_error(up @ rot, rot.T @ down)
+    assert gptq_r < 0.9 * gptq
