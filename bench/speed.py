@@ -236,10 +236,10 @@ def write_plot(records: list[dict], path: Path) -> Path:
     for ax, model in zip(axes[0], models, strict=True):
         for dname, style in (("float32", "-"), ("bfloat16", "--")):
             rows = sorted((r for r in records if r["model"] == model and r["dtype"] == dname
-                           and r["plan"].startswith("rank_reduction")), key=lambda r: r["rank_reduction"])
+                           and r["variant"] == "lord"), key=lambda r: r["rank_reduction"])
             if not rows:
                 continue
-            x = [100 * float(r["plan"].split("=")[1]) for r in rows]
+            x = [100 * r["rank_reduction"] for r in rows]  # mean over factored groups
             for key, label, color, inv in (("prefill_ms_512_ratio", "prefill 512", "C0", False),
                                            ("prefill_ms_1024_ratio", "prefill 1024", "C1", False),
                                            ("decode_tokens_per_second_b1_ratio", "decode b1", "C2", True),
@@ -250,7 +250,7 @@ def write_plot(records: list[dict], path: Path) -> Path:
                     ax.plot(x, ys, style, color=color, marker="o", ms=3, label=f"{label} ({dname})")
         ax.axhline(1.0, color="grey", lw=0.6)
         ax.set_title(f"{model}: LoRD relative to dense")
-        ax.set_xlabel("rank reduction (%)")
+        ax.set_xlabel("mean rank reduction of the factored groups (%)")
         ax.set_ylabel("relative time / size (dense = 1)")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -289,6 +289,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--plot-only", action="store_true", help="redraw speed.png from speed.json")
     ap.add_argument("--mlflow-uri", default=f"sqlite:///{RESULTS.parent.parent / 'mlflow.db'}",
                     help="'' to skip MLflow logging")
     args = ap.parse_args()
@@ -296,6 +297,9 @@ def main() -> None:
         for m in args.models:
             for d in args.dtypes:
                 profile(m, d, LINEAR_REDUCTIONS[0], args.rank_multiple)
+        return
+    if args.plot_only:
+        write_plot(json.loads((RESULTS / "speed.json").read_text())["records"], RESULTS / "speed.png")
         return
     records = []
     for m in args.models:
