@@ -29,6 +29,17 @@ OVERRIDES = {
 }
 
 
+# --tiny: the 2-layer random GGUF model (no heavy lock needed): measures the orchestration (Dask cluster start,
+# task shipping, artifact locks) more than compute
+TINY = "tinycoder-random"
+TINY_OVERRIDES = {
+    "calibrate": {"n_seqs": 4, "seq_len": 32},
+    "quantize": {"method": "rtn", "group_size": 16},
+    "evaluate": {"seq_len": 32, "n_windows": 2, "humaneval_problems": 0, "allow_execution": False},
+}
+TINY_GRID = {"reductions": [0.003, 0.006], "plans": ["uniform"], "bits": [0, 4, 8]}
+
+
 def run(mode_workers: int, work: Path) -> dict:
     from flows.sweep import lord_sweep
 
@@ -37,6 +48,9 @@ def run(mode_workers: int, work: Path) -> dict:
 
 
 def main() -> None:
+    global MODEL, OVERRIDES, GRID
+    if "--tiny" in sys.argv:
+        MODEL, OVERRIDES, GRID = TINY, TINY_OVERRIDES, TINY_GRID
     work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     records = []
     with shared_prefect_harness(), temp_mlflow_store(work):
@@ -63,7 +77,7 @@ def main() -> None:
         same = all(abs(a["ppl"] - b["ppl"]) <= 1e-6 * a["ppl"] for a, b in zip(par["rows"], ser["rows"], strict=True))
         plots = sorted((work / "runs-2" / ".plots").rglob("pareto_size_vs_ppl.png"))
         if plots:
-            shutil.copy(plots[0], ROOT / "bench" / "results" / "sweep_pareto_size_ppl.png")
+            shutil.copy(plots[0], ROOT / "bench" / "results" / f"sweep_pareto_size_ppl_{MODEL}.png")
     print(ratio, "same ppl in both modes:", same)
     write_results("sweep", {
         "model": MODEL, "grid": GRID, "overrides": OVERRIDES, "preset": "smoke",
