@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python bench/quant.py
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/humaneval.py
+	$(BIN)/python bench/speed.py
 	$(BIN)/python bench/readme_table.py
 
 serve: install

@@ -301,9 +301,6 @@ def main() -> None:
     if args.plot_only:
         write_plot(json.loads((RESULTS / "speed.json").read_text())["records"], RESULTS / "speed.png")
         return
-    records = []
-    for m in args.models:
-        records += bench_model(m, args.dtypes, args)
     protocol = {
         "factors": "random subspace (down = random orthonormal rows, up = W down^T): LoRD's shapes, hence its time",
         "plans": "rank_reduction=rho: uniform r = round((1 - rho) min(m, n)), groups not below parity stay dense "
@@ -320,7 +317,10 @@ def main() -> None:
         "size_mb": "parameter bytes in the dtype, tied tensors once",
         "prefill_lengths": {"float32": args.prefill_lengths, "bfloat16": args.prefill_lengths_bf16},
     }
-    path = merge_records("speed", records, protocol, key=("model", "dtype", "plan"))  # other runs' records kept
+    path = RESULTS / "speed.json"
+    for m in args.models:  # written after each (model, dtype): a run stopped by a time limit keeps what it measured
+        for d in args.dtypes:
+            path = merge_records("speed", bench_model(m, [d], args), protocol, key=("model", "dtype", "plan"))
     records = json.loads(path.read_text())["records"]
     png = write_plot(records, RESULTS / "speed.png")
     if args.mlflow_uri:
