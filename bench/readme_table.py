@@ -30,6 +30,9 @@ COLUMNS: dict[str, list[str]] = {
                   "executions_per_second"],
     "reliability": ["variant", "bad_inputs_tried", "bad_inputs_rejected", "sandbox_attacks_tried",
                     "sandbox_attacks_contained", "kill_points_tried", "resumes_matched"],
+    "speed": ["model", "dtype", "plan", "linear_param_reduction", "rank_reduction", "prefill_ms_512_ratio",
+              "prefill_ms_1024_ratio", "decode_tokens_per_second_b1_ratio", "decode_tokens_per_second_b8_ratio",
+              "decode_tokens_per_second_b1", "size_mb", "size_mb_ratio"],
     "quant_interop": ["case", "loader", "bits", "group_size", "ok", "weight_max_rel_err", "logits_rel_err_vs_ours_bf16"],
 }
 # Records worth a row (the rest stay in the json): reliability's detail rows are many.
