@@ -54,6 +54,11 @@ VARIANTS: dict[str, dict] = {
     "gptq4-rotate-upfit": {"factor_rotate": True, "factor_upfit": True},
     "gptq4-rotate-upfit-mse": {"factor_rotate": True, "factor_upfit": True, "grid": "mse"},
 }
+OFFLINE_PROTOCOL = {
+    "what": "per-group relative output error tr(E G E^T)/tr(W G W^T) of GPTQ-4 (g128, act-order, sym) treatments "
+            "of the LoRD factors, G = the decomposition's own calibration Gram (dense-model inputs); up's Hessian "
+            "= down G down^T; input-side groups only (o_proj here; mlp.down_proj keeps output-side statistics)",
+}
 DENSE = {"dense": {}, "dense-mse": {"grid": "mse"}}  # the dense model's GPTQ-4, stage gptq4 / gptq4-mse
 
 
@@ -243,6 +248,7 @@ def main() -> None:
                                 args.diagnose_layers, args.group_size)
         prev = RESULTS / "quant_factors.json"
         doc = json.loads(prev.read_text()) if prev.is_file() else {"protocol": {}, "records": []}
+        doc["protocol"]["offline"] = OFFLINE_PROTOCOL | {"stats": str(args.offline_stats), "lord": str(args.lord)}
         write_results("quant_factors", doc["protocol"], doc["records"], **{k: v for k, v in doc.items() if k not in (
             "benchmark", "created", "environment", "protocol", "records")}, diagnosis_offline=diag)
         return
