@@ -41,7 +41,8 @@ from quant.sequential import _collect_hessians
 from sources import calibration_batches, code_split, load_model
 
 # name -> QuantConfig overrides (bits 4, g128, act-order for all); "dense" is the dense model's plain GPTQ-4
-VARIANTS: dict[str, dict] = {
+PLAIN = {"factor_upfit": False, "factor_rotate": False, "factor_balance": False, "grid": "minmax"}
+VARIANTS: dict[str, dict] = {name: PLAIN | kw for name, kw in {
     "gptq4": {},
     "gptq4-upfit": {"factor_upfit": True},
     "gptq4-balanced": {"factor_balance": True},
@@ -53,13 +54,13 @@ VARIANTS: dict[str, dict] = {
     "gptq4-rotate": {"factor_rotate": True},
     "gptq4-rotate-upfit": {"factor_rotate": True, "factor_upfit": True},
     "gptq4-rotate-upfit-mse": {"factor_rotate": True, "factor_upfit": True, "grid": "mse"},
-}
+}.items()}  # every option explicit: QuantConfig's defaults (rotate + upfit) are one of these variants
 OFFLINE_PROTOCOL = {
     "what": "per-group relative output error tr(E G E^T)/tr(W G W^T) of GPTQ-4 (g128, act-order, sym) treatments "
             "of the LoRD factors, G = the decomposition's own calibration Gram (dense-model inputs); up's Hessian "
             "= down G down^T; input-side groups only (o_proj here; mlp.down_proj keeps output-side statistics)",
 }
-DENSE = {"dense": {}, "dense-mse": {"grid": "mse"}}  # the dense model's GPTQ-4, stage gptq4 / gptq4-mse
+DENSE = {"dense": PLAIN, "dense-mse": PLAIN | {"grid": "mse"}}  # the dense model's GPTQ-4, stage gptq4 / gptq4-mse
 
 
 def heldout_ppl(model, tok, split, args) -> float:
@@ -249,8 +250,10 @@ def main() -> None:
         prev = RESULTS / "quant_factors.json"
         doc = json.loads(prev.read_text()) if prev.is_file() else {"protocol": {}, "records": []}
         doc["protocol"]["offline"] = OFFLINE_PROTOCOL | {"stats": str(args.offline_stats), "lord": str(args.lord)}
+        old = [d for d in doc.get("diagnosis_offline", []) if d["layer"] not in args.diagnose_layers]
         write_results("quant_factors", doc["protocol"], doc["records"], **{k: v for k, v in doc.items() if k not in (
-            "benchmark", "created", "environment", "protocol", "records")}, diagnosis_offline=diag)
+            "benchmark", "created", "environment", "protocol", "records", "diagnosis_offline")},
+            diagnosis_offline=old + diag)
         return
     if args.merge_only:
         doc = json.loads((RESULTS / "quant_factors.json").read_text())
@@ -267,6 +270,7 @@ def main() -> None:
     doc = json.loads(prev.read_text()) if prev.is_file() else {}
     records: list[dict] = [r for r in doc.get("records", []) if r["variant"] not in args.variants]
     diag: list[dict] = doc.get("diagnosis", []) if "diagnose" not in args.variants else []
+    offline: list[dict] = doc.get("diagnosis_offline", [])
 
     dense, tok = load_model(args.model)
     ids = calibration_batches(tok, split.calibration, n_seqs=args.calib_seqs, seq_len=args.calib_len, seed=0)
@@ -306,7 +310,7 @@ def main() -> None:
                           "factor_upfit", "factor_balance", "factor_rotate", "down_bits", "up_bits", "grid", "n_seqs", "seq_len")}}
         print(json.dumps(rec))
         records.append(rec)
-        write_results(out_name, protocol, records, diagnosis=diag)
+        write_results(out_name, protocol, records, diagnosis=diag, diagnosis_offline=offline)
 
     for variant in [v for v in args.variants if v in DENSE]:
         if not time_left():
@@ -334,7 +338,7 @@ def main() -> None:
             diag.extend(diagnose(lord, ids, args.diagnose_layers, args.group_size))
             torch.set_num_threads(threads)
             print(f"diagnosis {time.perf_counter() - t0:.0f}s")
-            write_results(out_name, protocol, records, diagnosis=diag)
+            write_results(out_name, protocol, records, diagnosis=diag, diagnosis_offline=offline)
             continue
         cfg = QuantConfig(bits=4, group_size=args.group_size, act_order=True, n_seqs=args.calib_seqs,
                           seq_len=args.calib_len, **VARIANTS[step])
