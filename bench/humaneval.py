@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--budget-minutes", type=float, default=11.0,
                     help="stop starting new batches after this much generation time; the subset is reported")
     ap.add_argument("--compare", type=int, default=4, help="first N problems also generated one by one")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=384)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/lord-bench-humaneval"))
@@ -82,16 +82,18 @@ def main() -> None:
     work = args.work / f"batched-{args.max_new_tokens}-{args.batch_size}-{dtype_name(dtype)}.jsonl"
     work.unlink(missing_ok=True)  # timings must come from this run
     batched_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    completions, batched_s, items = [], 0.0, list(prompts.items())
+    completions, batched_s, last_s, items = [], 0.0, 0.0, list(prompts.items())
     for b in range(0, len(items), args.batch_size):
         late = stop_by is not None and datetime.datetime.now(datetime.timezone.utc) > stop_by
-        if late or single_s + batched_s > 60 * args.budget_minutes:
+        # stop before a chunk that would overrun the budget (the last chunk's time predicts the next one's)
+        if late or single_s + batched_s + last_s > 60 * args.budget_minutes:
             print(f"generation budget of {args.budget_minutes} min used: stopping at {b} problems")
             break
         t0 = time.perf_counter()
         completions += generate_completions(model, tok, dict(items[b : b + args.batch_size]), batched_cfg,
                                             work, progress=False)
-        batched_s += time.perf_counter() - t0
+        last_s = time.perf_counter() - t0
+        batched_s += last_s
         print(f"{len(completions)} problems generated in batches, {batched_s:.0f} s", flush=True)
     batched_tokens = sum(r["n_new_tokens"] for r in completions)
     by_id = {r["task_id"]: r for r in completions}

@@ -167,13 +167,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     warnings.filterwarnings("ignore", message=".*emulated.*")
-    records = [ppl_record(args.small, 128, 2), ppl_record(args.large, 96, 1),
-               *calibration_records(args.small, 2, 128), *forward_records(args.small)]
     protocol = {"heldout": "stdlib held-out split, first windows (evaluation.perplexity protocol)",
                 "calibration": "stdlib calibration split, seed 0, input Grams (statistic='input')",
                 "compute_policy": describe("cpu"),
                 "note": "bf16 timed once (emulated here unless the CPU has AMX-BF16/AVX512-BF16), float32 median of 3"}
-    write_results("precision", protocol, records)
+    records: list[dict] = []
+    # written after every part, so a run stopped by its time limit still reports what it measured
+    for part in (lambda: [ppl_record(args.small, 128, 2)], lambda: [ppl_record(args.large, 96, 1)],
+                 lambda: calibration_records(args.small, 2, 128), lambda: forward_records(args.small)):
+        records += part()
+        write_results("precision", protocol, records)
 
 
 if __name__ == "__main__":
