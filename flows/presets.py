@@ -43,17 +43,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         # calibration tokens must exceed the widest group input (Qwen's down_proj reads 4864): with 16x256 the
         # Gram was rank-deficient and LoRD-10% cost ppl 6.95 -> 12.3 in a measured make run
         "calibrate": {"n_seqs": 32, "seq_len": 256},
-        "decompose": {"method": "lord", "plan": "search", "reduction": 0.1},
+        # uniform: on the 0.5B the search plan picks uniform anyway (bench/results/lord_plans.json) after 4-5 min
+        # of loss evaluations; `--plan search` keeps it
+        "decompose": {"method": "lord", "plan": "uniform", "reduction": 0.1},
         "quantize": {"group_size": 128, "n_seqs": 16, "seq_len": 256},
         # recovery = distillation from the dense teacher (finetune.kd), bounded by time
         "finetune": {"objective": "kd", "budget_minutes": 2.0, "steps": None, "kd_n_seqs": 24, "n_eval": 4,
                      "max_seq_len": 256, "micro_batch_size": 2, "grad_accum_steps": 2, "warmup_steps": 2,
                      "eval_every": 1000},
-        # HumanEval/0-39 for every variant (issue 13): continuous batching (evaluation/decode.py; a CPU matmul
-        # over 32 rows is ~4x more efficient per row than over 1), the dense result reused
-        # across runs from the user cache (evaluation.humaneval.result_cache_dir)
+        # HumanEval/0-39 for dense and the final variant: continuous batching (evaluation/decode.py; a CPU matmul
+        # over 32 rows is ~4x more efficient per row than over 1), the dense result reused across runs from the
+        # user cache (evaluation.humaneval.result_cache_dir). On an AVX2 CPU without bf16 40 problems take
+        # ~4-10 min a variant in float32, so the variants in between get perplexity only (`--set` to change).
         "evaluate": {"seq_len": 512, "n_windows": 8, "humaneval_problems": 40, "humaneval_max_new_tokens": 192,
                      "humaneval_batch_size": 32, "allow_execution": True},
+        "humaneval_intermediate": 0,
     },
     "full": {
         "model": "qwen2.5-coder-0.5b",
