@@ -63,3 +63,21 @@ def calib_ids() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     steps = torch.randint(-3, 4, (8, 64), generator=g)
     return (steps.cumsum(dim=1) % VOCAB).long()
+
+
+# One Prefect test server per session (STACK.md: ~10 s each) and a throwaway MLflow store per module, for every
+# flow-level test (tests/test_flow*.py, tests/test_scale.py, tests/reliability/).
+@pytest.fixture(scope="session")
+def prefect_api():
+    from bench.harness import shared_prefect_harness
+
+    with shared_prefect_harness() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from bench.harness import temp_mlflow_store
+
+    with temp_mlflow_store(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import shared_prefect_harness, temp_mlflow_store
 from flows import FlowError
 from flows.faults import FAIL_ENV
 
@@ -22,19 +21,6 @@ TINY_OVERRIDES = {
     "evaluate": {"seq_len": 32, "n_windows": 2, "humaneval_problems": 0, "allow_execution": False},
 }
 FLOW_STAGES = ["evaluate[dense]", "calibrate", "decompose", "evaluate[lord]", "quantize4", "evaluate[lord+gptq4]"]
-
-
-@pytest.fixture(scope="session")
-def prefect_api():
-    with shared_prefect_harness() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mlflow")
-    with temp_mlflow_store(d) as uri:
-        yield uri
 
 
 def _run(runs_dir: Path, **kw):

@@ -7,15 +7,9 @@ import json
 
 import pytest
 
-from bench.harness import shared_prefect_harness, temp_mlflow_store
+from bench.harness import temp_mlflow_store
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def prefect_api():
-    with shared_prefect_harness() as url:
-        yield url
 
 
 def test_smollm2_every_stage_tracked(prefect_api, tmp_path):

@@ -12,10 +12,6 @@ import sysconfig
 import time
 from pathlib import Path
 
-import pytest
-
-from bench.harness import shared_prefect_harness, temp_mlflow_store
-
 TINY = "tinycoder-random"
 TINY_OVERRIDES = {
     "calibrate": {"n_seqs": 4, "seq_len": 32},
@@ -23,18 +19,6 @@ TINY_OVERRIDES = {
     "evaluate": {"seq_len": 32, "n_windows": 2, "humaneval_problems": 0, "allow_execution": False},
 }
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def prefect_api():
-    with shared_prefect_harness() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    with temp_mlflow_store(tmp_path_factory.mktemp("mlflow")) as uri:
-        yield uri
 
 
 def _computed(stages):

@@ -12,20 +12,6 @@ from typing import Any
 import pytest
 from _flowkit import CHILD
 
-from bench.harness import shared_prefect_harness, temp_mlflow_store
-
-
-@pytest.fixture(scope="session")
-def prefect_api():
-    with shared_prefect_harness() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    with temp_mlflow_store(tmp_path_factory.mktemp("mlflow")) as uri:
-        yield uri
-
 
 @pytest.fixture
 def spawn_flow(prefect_api, store):
