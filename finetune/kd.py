@@ -87,20 +87,16 @@ def resolve_teacher(model: str | Path, cfg: FinetuneConfig) -> str:
     raise FinetuneError(f"{model}: more than {MAX_SOURCE_HOPS} artifacts in its source chain; pass teacher=.")
 
 
-def model_fingerprint(spec: str) -> str:
-    """Content digest of a model: its artifact manifest, else its weight and config files, else its name
-    (an embedded/hub name is pinned by the package version that converts it)."""
-    from artifacts import MANIFEST, sha256_file, sha256_json
+def teacher_digest(spec: str) -> str:
+    """Content digest of the teacher (``artifacts.content_digest`` of its directory; an embedded/hub name is
+    pinned by the package version that converts it), so cached teacher logits follow its weights."""
+    from artifacts import content_digest, sha256_json
     from sources.models import resolve_model_dir
 
     where = resolve_model_dir(spec)
-    path = Path(where) if isinstance(where, (str, Path)) else None
-    if path is None or not path.is_dir():
+    if not isinstance(where, Path) or not where.is_dir():
         return sha256_json({"name": str(spec)})
-    if (path / MANIFEST).is_file():
-        return sha256_file(path / MANIFEST)
-    files = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json"))
-    return sha256_json({p.name: sha256_file(p) for p in files})
+    return content_digest(where)
 
 
 def kd_windows(tokenizer: Any, cfg: FinetuneConfig) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -131,7 +127,7 @@ def teacher_targets(teacher: str, ids: torch.Tensor, cfg: FinetuneConfig,
     """The teacher's top-k targets for ``ids``: read from the content-keyed cache, or computed and stored."""
     from safetensors.torch import load_file, save_file
 
-    key_src = {"teacher_digest": model_fingerprint(teacher), "ids": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+    key_src = {"teacher_digest": teacher_digest(teacher), "ids": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
                "shape": list(ids.shape), "k": cfg.kd_top_k, "dtype": _dtype_name(cfg), "v": CACHE_VERSION}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir(cfg) / f"{key}.safetensors"
