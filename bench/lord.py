@@ -24,7 +24,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import lord  # noqa: E402
 from artifacts import write_json_atomic  # noqa: E402
 from evaluation import perplexity  # noqa: E402
-from lord.sensitivity import fisher_sensitivities, probe_sensitivities, weights_of  # noqa: E402
+from lord.sensitivity import Sensitivity, fisher_sensitivities, probe_sensitivities, weights_of  # noqa: E402
 from sources import batches_digest, calibration_batches, code_split, load_model  # noqa: E402
 
 REDUCTIONS = (0.1, 0.2, 0.3)
@@ -94,8 +94,8 @@ def run_model(name: str, split, grid: list[tuple[str, str]], reductions: tuple[f
             sens = fisher_sensitivities(model, groups, facts[method], sens_ids)
         weights[method, plan] = weights_of(sens)
         key = f"{method}_{plan}"
-        write_json_atomic(RESULTS / f"lord_sensitivity_{name}_{key}.json", sens)
-        sens_summary[key] = {"seconds": round(sens["_meta"]["seconds"], 1),
+        write_json_atomic(RESULTS / f"lord_sensitivity_{name}_{key}.json", sens.to_json())
+        sens_summary[key] = {"seconds": round(sens.seconds, 1),
                              "file": f"lord_sensitivity_{name}_{key}.json"}
         if plan == "auto-probe":
             sens_summary[key]["delta_loss_by_type"] = _by_type(sens)
@@ -151,12 +151,11 @@ def run_model(name: str, split, grid: list[tuple[str, str]], reductions: tuple[f
     return records, summary
 
 
-def _by_type(sens: dict) -> dict:
+def _by_type(sens: Sensitivity) -> dict:
     """Mean and range of the probe loss increase per group type (qkv, o_proj, gate_up, down_proj, ...)."""
     by: dict[str, list[float]] = {}
-    for k, v in sens.items():
-        if not k.startswith("_"):
-            by.setdefault(k.rsplit(".", 1)[-1], []).append(v["delta_loss"])
+    for k, v in sens.groups.items():
+        by.setdefault(k.rsplit(".", 1)[-1], []).append(v["delta_loss"])
     return {t: {"mean": round(statistics.mean(d), 5), "min": round(min(d), 5), "max": round(max(d), 5)}
             for t, d in by.items()}
 

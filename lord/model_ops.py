@@ -117,9 +117,9 @@ def decompose_model(model: nn.Module, stats: Mapping[str, GroupStats], cfg: Deco
                             "sensitivity_ids (calibration token ids [n_seqs, seq_len]); pass them, or use plan "
                             "'spectrum' (unweighted) or 'uniform'")
         if cfg.sensitivity == "fisher":
-            sens = fisher_sensitivities(model, groups, facts, sensitivity_ids, progress=progress)
+            sens = fisher_sensitivities(model, groups, facts, sensitivity_ids, progress=progress).to_json()
         else:
-            sens = probe_sensitivities(model, groups, facts, sensitivity_ids, cfg.probe_fraction, progress)
+            sens = probe_sensitivities(model, groups, facts, sensitivity_ids, cfg.probe_fraction, progress).to_json()
     plan = "auto" if cfg.plan == "search" else cfg.plan
     ranks = rank_plan(groups, total, plan, cfg.reduction, curves, cfg.rank_reduction,
                       weights_of(sens) if sens is not None else None)

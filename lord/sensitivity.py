@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +33,29 @@ from lord.ranks import max_factored_rank
 from lord.surgery import Group, model_type, stacked_weight
 
 DELTA_FLOOR = 1e-3  # fraction of the largest probe loss increase given to groups whose probe cost ~nothing
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """Measured sensitivities: ``groups`` maps each group to its numbers (``weight`` = ``w_g`` plus how it was
+    measured), ``meta`` how the pass ran (method, n_tokens, seconds, ...), kept apart so the per-group dict
+    holds groups only."""
+
+    groups: dict[str, dict[str, float]]
+    meta: dict[str, Any]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """``{group: w_g}``, the auto plan's weights."""
+        return {k: float(v["weight"]) for k, v in self.groups.items()}
+
+    @property
+    def seconds(self) -> float:
+        return float(self.meta["seconds"])
+
+    def to_json(self) -> dict[str, Any]:
+        """The file layout (sensitivity.json, bench/results/lord_sensitivity_*.json): ``{"_meta": meta, **groups}``."""
+        return {"_meta": self.meta, **self.groups}
 
 
 class _LayerTail:
@@ -57,7 +82,7 @@ def probe_rank(group: Group, fact: Factorization, fraction: float) -> int:
 @torch.no_grad()
 def probe_sensitivities(model: nn.Module, groups: list[Group], facts: Mapping[str, Factorization],
                         ids: torch.Tensor, probe_fraction: float = 0.5,
-                        progress: bool = True) -> dict[str, dict[str, float]]:
+                        progress: bool = True) -> Sensitivity:
     """Per group: ``probe_rank``, ``probe_error`` (= e_g(r_p)), ``delta_loss`` (raw), ``weight`` (= w_g).
 
     The model is left exactly as given (each group's dense weights are restored after its probe).
@@ -99,17 +124,19 @@ def probe_sensitivities(model: nn.Module, groups: list[Group], facts: Mapping[st
     meta = {"method": "probe", "dense_loss": tail.dense_loss, "probe_fraction": probe_fraction, "n_tokens": int(ids.numel()),
             "seconds": time.perf_counter() - t0}
     del tail
-    return {"_meta": meta, **out}
+    return Sensitivity(out, meta)
 
 
-def weights_of(sens: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """``{group: w_g}`` from ``probe_sensitivities`` output (its ``_meta`` entry dropped)."""
+def weights_of(sens: Sensitivity | Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """``{group: w_g}`` of a ``Sensitivity``, or of its file layout (``to_json``; the ``_meta`` entry dropped)."""
+    if isinstance(sens, Sensitivity):
+        return sens.weights
     return {k: float(v["weight"]) for k, v in sens.items() if not k.startswith("_")}
 
 
 def fisher_sensitivities(model: nn.Module, groups: list[Group], facts: Mapping[str, Factorization],
                          ids: torch.Tensor, batch_size: int = 4,
-                         progress: bool = True) -> dict[str, dict[str, float]]:
+                         progress: bool = True) -> Sensitivity:
     """Cheaper alternative to the probes: one backward, ``w_g = E||dL/dY_g||^2 / m_g * tr(C_g)``.
 
     Second order in the output perturbation with an isotropic empirical Fisher per group (cf. the
@@ -160,4 +187,4 @@ def fisher_sensitivities(model: nn.Module, groups: list[Group], facts: Mapping[s
     for v in out.values():
         v["weight"] = max(v["weight"], DELTA_FLOOR * top, 1e-30)
     meta = {"method": "fisher", "n_tokens": int(ids.numel()), "seconds": time.perf_counter() - t0}
-    return {"_meta": meta, **out}
+    return Sensitivity(out, meta)

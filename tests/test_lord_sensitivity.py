@@ -64,13 +64,13 @@ def test_sensitivities_finite_positive_and_model_restored(tiny_any, calib_ids):
     sens = probe_sensitivities(tiny_any, groups, facts, calib_ids[:4], probe_fraction=0.5, progress=False)
     for k, v in tiny_any.state_dict().items():
         assert torch.equal(v, before[k]), k  # every probe restored the dense weights exactly
-    json.dumps(sens)  # serialisable as written to the checkpoint dir
+    json.dumps(sens.to_json())  # serialisable as written to the checkpoint dir
     w = weights_of(sens)
     assert set(w) == {g.name for g in groups}
     assert all(math.isfinite(x) and x > 0 for x in w.values())
     for g in groups:
-        assert 1 <= sens[g.name]["probe_rank"] <= max_factored_rank(g.m, g.n)
-        assert 0 < sens[g.name]["probe_error"] <= 1
+        assert 1 <= sens.groups[g.name]["probe_rank"] <= max_factored_rank(g.m, g.n)
+        assert 0 < sens.groups[g.name]["probe_error"] <= 1
 
 
 def test_fisher_weights_finite_positive_and_leave_no_gradients(tiny_any, calib_ids):
@@ -123,8 +123,8 @@ def test_a_group_made_sensitive_keeps_more_rank():
     curves = {k: f.error_curve() for k, f in facts.items()}
     total = lord.count_params(model)
     sens = probe_sensitivities(model, groups, facts, ids[8:12], progress=False)
-    others = [v["weight"] for k, v in sens.items() if k.endswith("down_proj") and k != target]
-    assert sens[target]["weight"] > max(others)
+    others = [v["weight"] for k, v in sens.groups.items() if k.endswith("down_proj") and k != target]
+    assert sens.groups[target]["weight"] > max(others)
     fisher = fisher_sensitivities(model, groups, facts, ids[8:12], progress=False)
     g = next(x for x in groups if x.name == target)
     dense = max_factored_rank(g.m, g.n) + 1  # a dense group counts as more rank than any factored one
