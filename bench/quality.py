@@ -9,7 +9,7 @@ Stages (shared file bench/results/quality.json; other benches add gptq4 / recove
 * ``sequential-stats``: layer by layer, plain LoRD on the compressed inputs (no dense target).
 Plans (ranks from the dense statistics, the same for every stage): ``uniform`` (every group at one fraction of
 its parity rank), ``no-gate_up`` / ``o+down`` (uniform over some group kinds, the others left dense), ``auto``
-(Fisher-weighted, lord/ranks.py). Calibration and held-out code come from disjoint stdlib files.
+(Fisher-weighted, lord/plans.py). Calibration and held-out code come from disjoint stdlib files.
 
 Run: OMP_NUM_THREADS=2 flock /tmp/lord-heavy.lock .venv/bin/python bench/quality.py --reductions 0.1 0.2
 """

@@ -37,7 +37,8 @@ from transformers import DynamicCache  # noqa: E402
 
 from lord.model_ops import linear_params  # noqa: E402
 from lord.modules import factored_modules  # noqa: E402
-from lord.ranks import plan_summary, rank_plan, round_down_ranks  # noqa: E402
+from lord.plans import rank_plan  # noqa: E402
+from lord.ranks import plan_summary, round_down_ranks  # noqa: E402
 from lord.speed import is_slow  # noqa: E402
 from lord.surgery import Group, factor_group, find_groups, stacked_weight  # noqa: E402
 from sources import load_model  # noqa: E402

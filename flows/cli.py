@@ -118,7 +118,7 @@ def _scale_commands(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     w.add_argument("--model", help="embedded name, hub id or local dir (default: the preset's)")
     w.add_argument("--reductions", type=_fraction, nargs="+", default=[0.1], metavar="F")
-    w.add_argument("--plans", nargs="+", default=["uniform"], help="rank plans (lord/ranks.py PLANS)")
+    w.add_argument("--plans", nargs="+", default=["uniform"], help="rank plans (lord/plans.py PLANS)")
     w.add_argument("--bits", type=int, nargs="+", default=[4], choices=(0, *SUPPORTED_BITS),
                    help="GPTQ widths; 0 = the float LoRD model (no quantization)")
     w.add_argument("--vocab", choices=("off", "on", "both"), default="off", help="trim the vocabulary first")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lord.config import CalibConfig, DecomposeConfig
 from lord.decompose import METHODS
-from lord.ranks import PLANS
+from lord.plans import PLANS
 from lord.stats import STATISTICS
 
 
@@ -26,7 +26,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     dec.add_argument("--stats", type=Path, help="existing statistics (default: collect into <out>.stats/)")
     dec.add_argument("--method", choices=METHODS, default="lord")
-    dec.add_argument("--plan", choices=PLANS, default="search")
+    dec.add_argument("--plan", choices=tuple(PLANS), default="search")
     dec.add_argument("--reduction", type=float, default=0.1, help="whole-model parameter reduction in (0, 1)")
     dec.add_argument("--rank-reduction", type=float, help="uniform plan only: 1 - r/min(m, n) for every group")
     dec.add_argument("--damping", type=float, default=0.01, help="whitening damping (fraction of mean diag G)")

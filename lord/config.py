@@ -7,7 +7,7 @@ from typing import Any
 
 from lord.decompose import METHODS
 from lord.errors import LordError
-from lord.ranks import PLANS
+from lord.plans import PLANS
 from lord.sequential import CALIBRATIONS, MODES
 from lord.stats import STATISTICS
 
@@ -48,7 +48,7 @@ class CalibConfig:
 
 @dataclass(frozen=True)
 class DecomposeConfig:
-    """Decomposition: method, rank plan and its target (see lord/ranks.py for the exact definitions).
+    """Decomposition: method, rank plan and its target (see lord/plans.py for the plans, lord/ranks.py for the exact definitions).
 
     ``reduction``: whole-model parameter reduction to reach (fraction of all parameters) for every plan;
     ``rank_reduction`` (uniform plan only, instead of ``reduction``): the same ``1 - r/min(m, n)`` for every
@@ -56,7 +56,7 @@ class DecomposeConfig:
     ``sensitivity_*`` (plan ``auto`` only, lord/sensitivity.py): the loss-probe batch (``sensitivity_seqs``
     windows of ``sensitivity_seq_len`` calibration tokens, ``sensitivity_seed``) and the probe rank as a
     fraction of each group's largest factored rank (``sensitivity="probe"`` only; the default ``"fisher"``
-    needs one backward over the same batch and measured far better, see lord/ranks.py).
+    needs one backward over the same batch and measured far better, see lord/plans.py).
     """
 
     method: str = "lord"
@@ -84,7 +84,7 @@ class DecomposeConfig:
         if self.method not in METHODS:
             raise LordError(f"method {self.method!r} is unknown; expected one of {METHODS}")
         if self.plan not in PLANS:
-            raise LordError(f"plan {self.plan!r} is unknown; expected one of {PLANS}")
+            raise LordError(f"plan {self.plan!r} is unknown; expected one of {tuple(PLANS)}")
         if self.rank_reduction is not None:
             if self.plan != "uniform":
                 raise LordError(f"rank_reduction={self.rank_reduction} applies to plan 'uniform' only, got "

@@ -17,9 +17,8 @@ from tqdm.auto import tqdm
 from lord.config import DecomposeConfig
 from lord.decompose import Factorization, factorize
 from lord.errors import LordError
-from lord.ranks import plan_summary, rank_plan
-from lord.search import search_plan
-from lord.sensitivity import fisher_sensitivities, probe_sensitivities, weights_of
+from lord.plans import PlanContext, PlanReport, get_plan
+from lord.ranks import plan_summary
 from lord.sequential import sequential_decompose
 from lord.speed import is_slow, modelled_time_ratio
 from lord.stats import GroupStats
@@ -30,7 +29,7 @@ from lord.surgery import Group, factor_group, find_groups, stacked_weight
 class DecomposeReport:
     groups: dict  # group -> {"members", "rank" (None = dense), "m", "n", "rel_output_error", "rank_reduction"}
     metrics: dict
-    sensitivities: dict | None = None  # plan auto: lord.sensitivity.probe_sensitivities output
+    plan: PlanReport | None = None  # decompose_model: the rank plan's report (sensitivity, search details)
 
 
 def count_params(model: nn.Module) -> int:
@@ -98,7 +97,8 @@ def decompose_model(model: nn.Module, stats: Mapping[str, GroupStats], cfg: Deco
                     calibration_ids: torch.Tensor | None = None) -> DecomposeReport:
     """Factor ``model`` in place: statistics -> per-group factorization -> rank plan -> module swap.
 
-    Plan ``auto`` also needs ``sensitivity_ids`` ([n_seqs, seq_len] calibration tokens) for the loss probes;
+    Plans ``auto`` and ``search`` also need ``sensitivity_ids`` ([n_seqs, seq_len] calibration tokens) for their
+    sensitivity pass and loss evaluations (``search``: optionally ``validation_ids``, lord/plans.py);
     ``calibration="sequential"`` needs ``calibration_ids`` (the tokens of ``stats``) for its layer-by-layer walk.
     """
     if cfg.calibration == "sequential" and calibration_ids is None:
@@ -110,23 +110,11 @@ def decompose_model(model: nn.Module, stats: Mapping[str, GroupStats], cfg: Deco
     linear_total = linear_params(model)
     facts = factorize_groups(model, groups, stats, (cfg.method,), cfg.damping, progress)[cfg.method]
     curves = {name: f.error_curve() for name, f in facts.items()}
-    sens = None
-    if cfg.plan in ("auto", "search"):
-        if sensitivity_ids is None:
-            raise LordError(f"plan {cfg.plan!r} measures the model on calibration tokens and needs "
-                            "sensitivity_ids (calibration token ids [n_seqs, seq_len]); pass them, or use plan "
-                            "'spectrum' (unweighted) or 'uniform'")
-        if cfg.sensitivity == "fisher":
-            sens = fisher_sensitivities(model, groups, facts, sensitivity_ids, progress=progress).to_json()
-        else:
-            sens = probe_sensitivities(model, groups, facts, sensitivity_ids, cfg.probe_fraction, progress).to_json()
-    plan = "auto" if cfg.plan == "search" else cfg.plan
-    ranks = rank_plan(groups, total, plan, cfg.reduction, curves, cfg.rank_reduction,
-                      weights_of(sens) if sens is not None else None)
-    if cfg.plan == "search":
-        ranks, found = search_plan(model, groups, facts, sensitivity_ids, cfg.reduction * total,
-                                   candidates={"auto": ranks}, progress=progress, validation_ids=validation_ids)
-        sens = {**sens, "_search": found}
+    planned = get_plan(cfg.plan).plan(PlanContext(
+        groups, total, cfg.reduction, cfg.rank_reduction, curves, model=model, facts=facts,
+        sensitivity_ids=sensitivity_ids, validation_ids=validation_ids, sensitivity=cfg.sensitivity,
+        probe_fraction=cfg.probe_fraction, progress=progress))
+    ranks = planned.ranks
     seq = None
     if cfg.calibration == "sequential":
         seq = sequential_decompose(model, groups, ranks, calibration_ids, cfg.sequential_mode, progress=progress)
@@ -137,13 +125,7 @@ def decompose_model(model: nn.Module, stats: Mapping[str, GroupStats], cfg: Deco
             report.groups[name]["sequential"] = info
         report.metrics.update(sequential_mode=cfg.sequential_mode, sequential_seconds=seq.seconds,
                               sequential_chosen=seq.chosen_counts())
-    report.sensitivities = sens
+    report.plan = planned
     report.metrics["decompose_seconds"] = time.perf_counter() - t0
-    if sens is not None:
-        report.metrics["sensitivity_seconds"] = sens["_meta"]["seconds"]
-    if "_search" in (sens or {}):
-        found = sens["_search"]
-        report.metrics.update(search_seconds=found["seconds"], search_evaluations=found["evaluations"],
-                              search_loss=found["loss"], search_loss_uniform=found["loss_uniform"])
-        report.metrics["search_chosen"] = found["chosen"]
+    report.metrics.update(planned.metrics())
     return report

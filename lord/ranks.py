@@ -1,4 +1,4 @@
-"""Rank plans: which rank each group gets, as an explicit ``{group: rank | None}`` dict (None = stays dense).
+"""Rank arithmetic: parity, parameters removed, and the solvers the rank plans (lord/plans.py) are made of.
 
 Definitions (reported for every plan):
 * parity rank of an m x n group: ``m n / (m + n)``; at or above it a factorization stores more than ``W``, so a
@@ -7,31 +7,16 @@ Definitions (reported for every plan):
 * parameter reduction: parameters removed (``m n - r (m + n)`` per factored group; biases unchanged) divided by
   all parameters of the model (embeddings and head included, tied tensors counted once).
 
-Plans for a target parameter reduction ``p`` (each hits the smallest removal >= ``p``):
-* ``uniform``: every targeted group at the same fraction ``f`` of its parity rank, ``r = floor(f * parity)``,
-  so every group gives up the same share of its own parameters; ``f`` found by bisection. With an explicit
-  ``rank_reduction`` instead, every group gets ``r = round((1 - rank_reduction) min(m, n))`` and groups where
-  that is not below parity stay dense (the paper's uniform axis).
-* ``budget``: equal error: every group at the smallest rank whose relative output error is <= ``tau``
-  (dense if that rank is not below parity); ``tau`` found by bisection.
-* ``spectrum``: minimum total error: minimise ``sum_g e_g(r_g)`` (``e_g`` = normalised tail of the group's output
-  spectrum, ``decompose.Factorization.error_curve``) subject to the removal target, a multiple-choice
-  knapsack solved greedily on each group's lower convex hull of (parameters removed, error): take the cheapest
-  error per removed parameter first, across all groups.
-* ``auto``: minimum predicted loss: the same knapsack on ``sum_g w_g e_g(r_g)`` with ``w_g`` each group's
-  measured loss sensitivity (lord/sensitivity.py: loss increase of a probe truncation / its error); without
-  ``weights`` every ``w_g = 1`` (= ``spectrum``).
-* ``search`` (lord/search.py): measured, not predicted: per-type multipliers on the uniform plan found by
-  coordinate descent on the calibration loss of the whole cut model, and the ``auto`` plan as a rival; the
-  lower calibration loss wins. Needs the model, so it lives in ``lord.model_ops.decompose_model``.
-
-Measured (bench/results/lord.json, smollm2-135m, dense ppl 10.50, 16 x 512-token held-out windows): normalised
-output error alone does not predict the loss cost of a cut across groups; weighting it does. Held-out ppl at
-10 / 20 / 30% parameter reduction: ``uniform`` 17.96 / 27.39 / 50.58; ``spectrum`` (unweighted) 19.84 /
-40.96 / 124.6; ``auto`` with Fisher weights (one backward over 8 x 256 tokens, ~1 min) 13.21 /
-19.69 / 41.07, i.e. 0.36 / 0.54 / 0.76 x uniform's ppl increase; ``auto`` with loss-probe weights
-(``sensitivity="probe"``, 120 probes, 15 min on a loaded CPU) 20.92 / 50.30 / 249.9: single-group probe deltas are ~0.01
-nats, at the level of their noise (some negative), and one point per group extrapolates badly.
+Solvers for a target of removed parameters (each hits the smallest removal >= the target):
+* ``parity_fraction_ranks``: every group at the same fraction ``f`` of its parity rank, ``r = floor(f * parity)``,
+  so every group gives up the same share of its own parameters; ``f`` found by bisection.
+  ``uniform_rank_reduction`` instead gives every group ``r = round((1 - rho) min(m, n))``, dense where that is
+  not below parity (the paper's uniform axis).
+* ``equal_error_ranks``: every group at the smallest rank whose relative output error is <= ``tau`` (dense if
+  that rank is not below parity); ``tau`` found by bisection.
+* ``min_total_error_ranks``: minimise ``sum_g e_g(r_g)`` (``e_g`` = a group's error curve, possibly weighted)
+  subject to the target, a multiple-choice knapsack solved greedily on each group's lower convex hull of
+  (parameters removed, error): take the cheapest error per removed parameter first, across all groups.
 """
 
 from __future__ import annotations
@@ -43,8 +28,6 @@ import torch
 
 from lord.errors import LordError
 from lord.surgery import Group
-
-PLANS = ("uniform", "budget", "spectrum", "auto", "search")
 
 
 def parity_rank(m: int, n: int) -> float:
@@ -60,19 +43,8 @@ def params_removed(m: int, n: int, rank: int | None) -> int:
     return 0 if rank is None else m * n - rank * (m + n)
 
 
-def rank_plan(groups: list[Group], total_params: int, plan: str, reduction: float | None = None,
-              curves: Mapping[str, torch.Tensor] | None = None,
-              rank_reduction: float | None = None,
-              weights: Mapping[str, float] | None = None) -> dict[str, int | None]:
-    """The rank of every group under ``plan``; ``curves`` (group -> error for ranks 0..k) for budget/spectrum/auto,
-    ``weights`` (group -> loss per unit error, lord/sensitivity.py) for auto."""
-    if plan not in PLANS:
-        raise LordError(f"unknown rank plan {plan!r}; expected one of {PLANS}")
-    if plan == "search":
-        raise LordError("plan 'search' measures the model's loss for each candidate plan: use "
-                        "lord.decompose_model (or lord.search.search_plan), not rank_plan")
-    if plan == "uniform" and rank_reduction is not None:
-        return _uniform_rank_reduction(groups, rank_reduction)
+def removal_target(groups: list[Group], total_params: int, reduction: float | None, plan: str) -> float:
+    """Parameters to remove for a whole-model ``reduction``, checked against what ``groups`` can give up."""
     if reduction is None or not 0 < reduction < 1:
         raise LordError(f"plan {plan!r} needs a parameter reduction in (0, 1), got {reduction}")
     target = reduction * total_params
@@ -81,20 +53,7 @@ def rank_plan(groups: list[Group], total_params: int, plan: str, reduction: floa
         raise LordError(f"a {reduction:.0%} parameter reduction needs {target:.3g} parameters removed, but "
                         f"the targeted groups hold at most {ceiling:.3g} removable; lower the reduction or "
                         "target more groups")
-    if plan == "uniform":
-        return _uniform_parity_fraction(groups, target)
-    if curves is None or any(g.name not in curves for g in groups):
-        raise LordError(f"plan {plan!r} needs the error curve of every group (from decompose.factorize)")
-    if plan == "budget":
-        return _equal_error(groups, target, curves)
-    if plan == "auto" and weights is not None:
-        bad = [g.name for g in groups if not (g.name in weights and math.isfinite(weights[g.name])
-                                               and weights[g.name] > 0)]
-        if bad:
-            raise LordError(f"plan 'auto' needs a finite positive weight for every group; missing or bad for "
-                            f"{bad[:3]} ({len(bad)} groups); compute them with lord.sensitivity.probe_sensitivities")
-        curves = {g.name: curves[g.name] * float(weights[g.name]) for g in groups}
-    return _min_total_error(groups, target, curves)
+    return target
 
 
 def plan_summary(groups: list[Group], ranks: Mapping[str, int | None], total_params: int,
@@ -121,7 +80,8 @@ def _removed(groups: list[Group], ranks: Mapping[str, int | None]) -> int:
     return sum(params_removed(g.m, g.n, ranks.get(g.name)) for g in groups)
 
 
-def _uniform_rank_reduction(groups: list[Group], rho: float) -> dict[str, int | None]:
+def uniform_rank_reduction(groups: list[Group], rho: float) -> dict[str, int | None]:
+    """Every group at ``r = round((1 - rho) min(m, n))`` (at least 1), dense where that is not below parity."""
     if not 0 < rho < 1:
         raise LordError(f"rank_reduction must be in (0, 1), got {rho}")
     out: dict[str, int | None] = {}
@@ -129,13 +89,6 @@ def _uniform_rank_reduction(groups: list[Group], rho: float) -> dict[str, int | 
         r = max(1, round((1 - rho) * min(g.m, g.n)))
         out[g.name] = r if r <= max_factored_rank(g.m, g.n) else None
     return out
-
-
-def _uniform_parity_fraction(groups: list[Group], target: float) -> dict[str, int | None]:
-    ranks = parity_fraction_ranks(groups, target)
-    if ranks is None:  # rank_plan checked the ceiling; kept for direct callers
-        raise LordError(f"{target:.3g} parameters cannot be removed from the targeted groups")
-    return ranks
 
 
 def parity_fraction_ranks(groups: list[Group], target: float,
@@ -163,7 +116,8 @@ def parity_fraction_ranks(groups: list[Group], target: float,
     return ranks(lo)
 
 
-def _equal_error(groups: list[Group], target: float, curves: Mapping[str, torch.Tensor]) -> dict[str, int | None]:
+def equal_error_ranks(groups: list[Group], target: float, curves: Mapping[str, torch.Tensor]) -> dict[str, int | None]:
+    """Every group at the smallest rank with error <= ``tau``, the smallest ``tau`` meeting ``target``."""
     def ranks(tau: float) -> dict[str, int | None]:
         out: dict[str, int | None] = {}
         for g in groups:
@@ -181,8 +135,9 @@ def _equal_error(groups: list[Group], target: float, curves: Mapping[str, torch.
     return ranks(hi)
 
 
-def _min_total_error(groups: list[Group], target: float,
-                     curves: Mapping[str, torch.Tensor]) -> dict[str, int | None]:
+def min_total_error_ranks(groups: list[Group], target: float,
+                          curves: Mapping[str, torch.Tensor]) -> dict[str, int | None]:
+    """Least ``sum_g curves[g][r_g]`` removing >= ``target``: greedy on each group's lower convex hull."""
     segments = []  # (slope, group index, step, rank after the step, params removed by the step)
     for gi, g in enumerate(groups):
         curve = curves[g.name].tolist()

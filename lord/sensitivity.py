@@ -9,8 +9,8 @@ instead of Taylor-approximated): for each group alone, replace its weight by the
 calibration batch, restore the dense weight. With ``e_g`` the group's normalised error curve, the predicted
 loss cost of rank ``r`` is ``w_g e_g(r)``, ``w_g = Delta_g / e_g(r_p)`` (first order in the output
 perturbation energy, one point per group); the ``auto`` plan minimises ``sum_g w_g e_g(r_g)``
-(lord/ranks.py). The default weights are the cheaper ``fisher_sensitivities`` (one backward), which measured
-far better than these probes on smollm2-135m (lord/ranks.py): probe deltas are ~0.01 nats, near their noise.
+(lord/plans.py). The default weights are the cheaper ``fisher_sensitivities`` (one backward), which measured
+far better than these probes on smollm2-135m (lord/plans.py): probe deltas are ~0.01 nats, near their noise.
 Probe cost: one forward of the unmodified model, then per group only the layers from the group's
 decoder layer on (their inputs are cached), so on average half a forward per probe.
 """

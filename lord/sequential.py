@@ -12,7 +12,7 @@ factored layer only up to that group (a hook stops the forward there).
 Modes: ``stats`` = plain LoRD on the compressed inputs' statistics (measured 0.91x the one-shot ppl increase,
 shared/DESIGN.md); ``compensate`` = the best of lord/regression.py's candidates per group on held-out
 calibration sequences (target the dense output). Ranks come from a plan made on the dense statistics
-(lord/ranks.py, lord/search.py); this walk changes the factors, never the ranks.
+(lord/plans.py); this walk changes the factors, never the ranks.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from lord.checkpoint import save_factored
 from lord.config import CalibConfig, DecomposeConfig
 from lord.errors import LordError
 from lord.model_ops import decompose_model
+from lord.plans import get_plan
 from lord.stats import collect_stats, load_stats, model_fingerprint, save_stats
 from lord.surgery import find_groups
 
@@ -76,10 +77,11 @@ def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Pat
                       f"inputs (e.g. {thin[0]}): their Gram is rank-deficient and their error is underestimated; "
                       f"calibrate with n_seqs * seq_len >= {max(g.n for g in groups)}", stacklevel=2)
     sens_ids = val_ids = None
-    if cfg.plan in ("auto", "search"):
+    plan = get_plan(cfg.plan)
+    if plan.needs_sensitivity or plan.needs_model_loss:
         sens_ids = calibration_batches(tok, code_split(cfg.corpus).calibration, n_seqs=cfg.sensitivity_seqs,
                                        seq_len=cfg.sensitivity_seq_len, seed=cfg.sensitivity_seed)
-    if cfg.plan == "search":  # an independent batch re-scores the search's finalists (lord/search.py)
+    if plan.needs_model_loss:  # an independent batch re-scores the search's finalists (lord/search.py)
         val_ids = calibration_batches(tok, code_split(cfg.corpus).calibration, n_seqs=cfg.sensitivity_seqs,
                                       seq_len=cfg.sensitivity_seq_len, seed=cfg.sensitivity_seed + 1000)
     calib_ids = None
@@ -94,11 +96,10 @@ def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Pat
     with atomic_dir(Path(out_dir)) as tmp:
         save_factored(m, tok, tmp, report.groups, info)
         (tmp / "rank_map.json").write_text(json.dumps(report.groups, indent=2, sort_keys=True))
-        if report.sensitivities is not None:  # per-group weights, for flows to log (lord/sensitivity.py)
-            # timings live in metrics.json: the checkpoint's files must be bit-identical on a recompute, so
-            # content-addressed downstream stages keep their cache keys
-            sens = {k: ({kk: vv for kk, vv in v.items() if kk != "seconds"} if k.startswith("_") else v)
-                    for k, v in report.sensitivities.items()}
+        # per-group weights, for flows to log (lord/sensitivity.py); timings live in metrics.json: the checkpoint's
+        # files must be bit-identical on a recompute, so content-addressed downstream stages keep their cache keys
+        sens = report.plan.to_json(timings=False) if report.plan is not None else None
+        if sens is not None:
             (tmp / "sensitivity.json").write_text(json.dumps(sens, indent=2, sort_keys=True))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         write_artifact_meta(tmp, "lord", source=str(model), **info)

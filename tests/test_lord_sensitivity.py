@@ -147,7 +147,7 @@ def test_decompose_model_auto_needs_ids_and_reports_sensitivities(tiny_llama, ca
     model = copy.deepcopy(tiny_llama)
     report = lord.decompose_model(model, stats, cfg, progress=False, sensitivity_ids=calib_ids[:4])
     assert report.metrics["param_reduction"] >= 0.1
-    assert set(weights_of(report.sensitivities)) == {g.name for g in groups}
+    assert set(weights_of(report.plan.sensitivity)) == {g.name for g in groups}
     assert report.metrics["sensitivity_seconds"] > 0
 
 
@@ -205,6 +205,7 @@ def test_decompose_model_search_plan_reports_choice(tiny_llama, calib_ids):
     assert report.metrics["param_reduction"] >= 0.1
     assert report.metrics["search_chosen"] in ("uniform", "types", "auto")
     assert report.metrics["search_loss"] <= report.metrics["search_loss_uniform"]
-    assert report.sensitivities["_search"]["evaluations"] > 1
+    assert report.plan.search["evaluations"] > 1
+    assert report.plan.to_json()["_search"] == report.plan.search  # sensitivity.json's layout
     with pytest.raises(LordError, match="decompose_model"):
         lord.rank_plan(groups, lord.count_params(tiny_llama), "search", 0.1)

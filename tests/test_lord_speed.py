@@ -6,7 +6,8 @@ import pytest
 
 import lord
 from lord import LordError
-from lord.ranks import max_factored_rank, params_removed, rank_plan, round_down_ranks
+from lord.plans import rank_plan
+from lord.ranks import max_factored_rank, params_removed, round_down_ranks
 from lord.speed import is_slow, modelled_time_ratio
 
 
