@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--model", default=MODEL, help="embedded name (a tiny one for a smoke run)")
     ap.add_argument("--results", default="quality", help="results name (bench/results/<name>.json)")
+    ap.add_argument("--save", type=Path, default=None,
+                    help="also save each variant as a LoRD checkpoint dir <save>/<plan>-<reduction>-<stage>")
     args = ap.parse_args()
     if not args.plot_only:
         run(args)
@@ -98,7 +100,8 @@ def run(args: argparse.Namespace) -> None:
             sens_ids = calibration_batches(tok, split.calibration, n_seqs=8, seq_len=256, seed=1)
             weights = weights_of(fisher_sensitivities(model, groups, facts, sens_ids, progress=False))
         ranks = plan_ranks(groups, total, plan, reduction, curves, weights)
-        rec = run_variant(model, tok, split, proto, groups, facts, ranks, ids, stage, total, linear)
+        save = (args.save / f"{plan}-{reduction:g}-{stage}", args.model) if args.save else None
+        rec = run_variant(model, tok, split, proto, groups, facts, ranks, ids, stage, total, linear, save)
         rec["seconds"] = round(rec["seconds"] + one_shot_seconds, 1)  # the plan needs the dense stats
         rec.update(base, plan=plan, target_param_reduction=reduction, ppl_increase=round(rec["ppl"] / dense - 1, 4))
         print(json.dumps(rec), flush=True)
@@ -118,7 +121,7 @@ def plan_ranks(groups: list, total: int, plan: str, reduction: float, curves: di
 
 
 def run_variant(model, tok, split, proto: dict, groups: list, facts: dict, ranks: dict, ids: torch.Tensor,
-                stage: str, total: int, linear: int) -> dict:
+                stage: str, total: int, linear: int, save: tuple[Path, str] | None = None) -> dict:
     cut = copy.deepcopy(model)
     t0 = time.perf_counter()
     extra: dict = {}
@@ -133,11 +136,27 @@ def run_variant(model, tok, split, proto: dict, groups: list, facts: dict, ranks
     summary = lord.plan_summary(groups, ranks, total, linear)
     params = lord.count_params(cut)
     ppl = perplexity(cut, tok, split.heldout, **proto, progress=False).ppl
+    if save is not None:
+        _save(cut, tok, groups, ranks, stage, *save)
     del cut
     gc.collect()
     return {"stage": stage, "param_reduction": round(summary["param_reduction"], 4),
             "linear_param_reduction": round(summary["linear_param_reduction"], 4), "params": params,
             "n_groups_factored": summary["n_groups_factored"], "ppl": round(ppl, 4), "seconds": seconds, **extra}
+
+
+def _save(cut, tok, groups: list, ranks: dict, stage: str, out: Path, source: str) -> None:
+    """The cut model as a LoRD checkpoint dir (the stage's format), for recovery / GPTQ / HumanEval benches."""
+    from artifacts import atomic_dir
+    from lord.checkpoint import save_factored
+    from sources.artifact import write_artifact_meta
+
+    rank_map = {g.name: {"members": list(g.members), "rank": ranks[g.name]} for g in groups}
+    info = {"method": "lord", "plan": "bench/quality.py", "calibration": stage, "source_model": source}
+    with atomic_dir(out) as tmp:
+        save_factored(cut, tok, tmp, rank_map, info)
+        write_artifact_meta(tmp, "lord", source=source, **info)
+    print(f"saved {out}", flush=True)
 
 
 def tie_check(name: str, split, proto: dict) -> list[dict]:
