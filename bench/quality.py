@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> None:
             sens_ids = calibration_batches(tok, split.calibration, n_seqs=8, seq_len=256, seed=1)
             weights = weights_of(fisher_sensitivities(model, groups, facts, sens_ids, progress=False))
         ranks = plan_ranks(groups, total, plan, reduction, curves, weights)
-        save = (args.save / f"{plan}-{reduction:g}-{stage}", args.model) if args.save else None
+        save = (args.save / f"{plan}-{reduction:g}-{stage}", args.model, plan) if args.save else None
         rec = run_variant(model, tok, split, proto, groups, facts, ranks, ids, stage, total, linear, save)
         rec["seconds"] = round(rec["seconds"] + one_shot_seconds, 1)  # the plan needs the dense stats
         rec.update(base, plan=plan, target_param_reduction=reduction, ppl_increase=round(rec["ppl"] / dense - 1, 4))
@@ -121,7 +121,7 @@ def plan_ranks(groups: list, total: int, plan: str, reduction: float, curves: di
 
 
 def run_variant(model, tok, split, proto: dict, groups: list, facts: dict, ranks: dict, ids: torch.Tensor,
-                stage: str, total: int, linear: int, save: tuple[Path, str] | None = None) -> dict:
+                stage: str, total: int, linear: int, save: tuple[Path, str, str] | None = None) -> dict:
     cut = copy.deepcopy(model)
     t0 = time.perf_counter()
     extra: dict = {}
@@ -137,7 +137,8 @@ def run_variant(model, tok, split, proto: dict, groups: list, facts: dict, ranks
     params = lord.count_params(cut)
     ppl = perplexity(cut, tok, split.heldout, **proto, progress=False).ppl
     if save is not None:
-        _save(cut, tok, groups, ranks, stage, *save)
+        out, source, plan = save
+        _save(cut, tok, groups, ranks, stage, out, source, metrics={**summary, "plan": plan, "calibration": stage})
     del cut
     gc.collect()
     return {"stage": stage, "param_reduction": round(summary["param_reduction"], 4),
@@ -145,7 +146,7 @@ def run_variant(model, tok, split, proto: dict, groups: list, facts: dict, ranks
             "n_groups_factored": summary["n_groups_factored"], "ppl": round(ppl, 4), "seconds": seconds, **extra}
 
 
-def _save(cut, tok, groups: list, ranks: dict, stage: str, out: Path, source: str) -> None:
+def _save(cut, tok, groups: list, ranks: dict, stage: str, out: Path, source: str, metrics: dict) -> None:
     """The cut model as a LoRD checkpoint dir (the stage's format), for recovery / GPTQ / HumanEval benches."""
     from artifacts import atomic_dir
     from lord.checkpoint import save_factored
@@ -155,6 +156,7 @@ def _save(cut, tok, groups: list, ranks: dict, stage: str, out: Path, source: st
     info = {"method": "lord", "plan": "bench/quality.py", "calibration": stage, "source_model": source}
     with atomic_dir(out) as tmp:
         save_factored(cut, tok, tmp, rank_map, info)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         write_artifact_meta(tmp, "lord", source=source, **info)
     print(f"saved {out}", flush=True)
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import merge_records, write_results  # noqa: I001  (bench/ is on sys.path)
+from common import QUALITY_KEY, merge_records, write_results  # noqa: I001  (bench/ is on sys.path)
 
 from evaluation.evaluate import logical_params
 from evaluation.perplexity import PerplexityConfig, perplexity
@@ -74,6 +74,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--kd-seqs", type=int, default=32, help="KD training windows (teacher logits cached)")
     ap.add_argument("--n-eval", type=int, default=4)
+    ap.add_argument("--lord-stage", default="parallel", choices=["parallel", "sequential"],
+                    help="how --lord was decomposed (recorded; sequential records are kept apart from parallel ones)")
+    ap.add_argument("--results", default="recovery", help="results name (bench/results/<name>.json)")
     args = ap.parse_args()
 
     files = code_split().heldout
@@ -90,6 +93,8 @@ def main() -> None:
               "param_reduction": 1 - lord["params"] / dense["params"],
               "linear_param_reduction": (dense["params"] - lord["params"]) / dense["linear_params"],
               "pass_at_1": None, "n_problems": 0}
+    if args.lord_stage != "parallel":
+        common["from_stage"] = args.lord_stage
     records, details = [], []
     for objective in args.objectives:
         if objective == "blockwise":
@@ -124,15 +129,15 @@ def main() -> None:
 
 def write(args: argparse.Namespace, common: dict, dense: dict, lord: dict, records: list, details: list) -> None:
     """Results so far (called after every arm, so a run cut short keeps what it measured)."""
-    base = {**common, "stage": "parallel", "params": lord["params"], "ppl": lord["ppl"],
+    base = {**common, "stage": args.lord_stage, "params": lord["params"], "ppl": lord["ppl"],
             "ppl_increase": lord["ppl"] / dense["ppl"] - 1, "seconds": None}
     protocol = {"heldout": "stdlib held-out split (never calibrated or distilled on)", **PPL.to_dict(),
                 "budget_minutes": args.budget_minutes, "budget_clock": "process (CPU seconds / threads)",
                 "base": "NF4 + LoRA r16 on all linears, compute dtype by sources.compute, eval of the merged float "
                         "model", "lord": args.lord, "lr": args.lr, "kd_windows": args.kd_seqs,
                 "threads": torch.get_num_threads()}
-    write_results("recovery", protocol, [base] + records, details=details)
-    merge_records("quality", records, protocol={"recovery": protocol})
+    write_results(args.results, protocol, [base] + records, details=details)
+    merge_records("quality", records, protocol={args.results: protocol}, key=(*QUALITY_KEY, "from_stage"))
 
 
 if __name__ == "__main__":
