@@ -1,0 +1,69 @@
+"""HumanEval of several variants on the same problems, side by side: pass@1 of each, and per problem where a
+variant passes what the reference fails or the reverse. Reads the output dirs of ``lord eval --humaneval``
+(each ran with the same generation config, checked here), so a long generation is not repeated to compare.
+
+    lord eval --model qwen2.5-coder-0.5b --out /tmp/he/dense --no-ppl --humaneval --limit 40 --allow-code-execution
+    lord eval --model DIR --out /tmp/he/trimmed ...   (same flags)
+    python bench/humaneval_compare.py --name vocab_humaneval dense=/tmp/he/dense trimmed=/tmp/he/trimmed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import write_results  # noqa: E402
+
+
+def load(where: Path) -> dict[str, Any]:
+    d = where / "humaneval" if (where / "humaneval").is_dir() else where
+    results = [json.loads(line) for line in (d / "results.jsonl").read_text().splitlines() if line.strip()]
+    cfg = json.loads((d / "config.json").read_text())
+    metrics = json.loads((d / "metrics.json").read_text())
+    passed = {r["task_id"]: r["status"] == "passed" for r in results if r.get("sample", 0) == 0}
+    return {"passed": passed, "config": cfg, "metrics": metrics}
+
+
+def compare(runs: dict[str, dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """One record per variant; ``gained`` / ``lost``: problems it passes and the reference fails / the reverse."""
+    ref = runs[reference]["passed"]
+    gen = {k: v for k, v in runs[reference]["config"]["generation"].items() if k != "batch_size"}
+    records = []
+    for name, run in runs.items():
+        if {k: v for k, v in run["config"]["generation"].items() if k != "batch_size"} != gen:
+            raise SystemExit(f"{name}: generation config differs from {reference}'s; not comparable")
+        if set(run["passed"]) != set(ref):
+            raise SystemExit(f"{name}: evaluated other problems than {reference}")
+        p = run["passed"]
+        m = run["metrics"]
+        records.append({
+            "variant": name, "model": m.get("model"), "n_problems": len(p), "n_passed": sum(p.values()),
+            "pass_at_1": sum(p.values()) / len(p), "generation_seconds": m.get("generation_seconds"),
+            "n_new_tokens": m.get("n_new_tokens"),
+            "gained": sorted(t for t in p if p[t] and not ref[t]), "lost": sorted(t for t in p if ref[t] and not p[t]),
+            "pass_at_1_change_problems": sum(p.values()) - sum(ref.values())})
+    return records
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--name", required=True, help="results name (bench/results/<name>.json)")
+    ap.add_argument("runs", nargs="+", metavar="VARIANT=DIR", help="the first is the reference")
+    args = ap.parse_args()
+    pairs = [r.split("=", 1) for r in args.runs]
+    runs = {name: load(Path(d)) for name, d in pairs}
+    records = compare(runs, pairs[0][0])
+    for r in records:
+        print(f"{r['variant']}: {r['n_passed']}/{r['n_problems']} (pass@1 {r['pass_at_1']:.3f}), "
+              f"{len(r['gained'])} gained, {len(r['lost'])} lost vs {pairs[0][0]}")
+    first = runs[pairs[0][0]]["config"]
+    write_results(args.name, {"reference": pairs[0][0], "dirs": dict(pairs), "generation": first["generation"],
+                              "limit": first.get("limit"), "sandbox": first.get("sandbox")}, records)
+
+
+if __name__ == "__main__":
+    main()
