@@ -53,6 +53,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--name", required=True, help="results name (bench/results/<name>.json)")
     ap.add_argument("runs", nargs="+", metavar="VARIANT=DIR", help="the first is the reference")
+    ap.add_argument("--quality-stage", nargs="*", default=[], metavar="VARIANT=STAGE",
+                    help="also set pass_at_1 / n_problems on the 0.5B's quality.json record of STAGE")
     args = ap.parse_args()
     pairs = [r.split("=", 1) for r in args.runs]
     runs = {name: load(Path(d)) for name, d in pairs}
@@ -63,6 +65,24 @@ def main() -> None:
     first = runs[pairs[0][0]]["config"]
     write_results(args.name, {"reference": pairs[0][0], "dirs": dict(pairs), "generation": first["generation"],
                               "limit": first.get("limit"), "sandbox": first.get("sandbox")}, records)
+    if args.quality_stage:
+        into_quality(records, dict(q.split("=", 1) for q in args.quality_stage), args.name)
+
+
+def into_quality(records: list[dict[str, Any]], stages: dict[str, str], name: str) -> None:
+    """pass@1 on the quality.json records of the named stages (the HumanEval columns of issue 14's table)."""
+    from bench.common import RESULTS, write_json_atomic
+
+    path = RESULTS / "quality.json"
+    doc = json.loads(path.read_text())
+    by_variant = {r["variant"]: r for r in records}
+    for variant, stage in stages.items():
+        hits = [q for q in doc["records"] if q.get("stage") == stage and q.get("from_stage") is None]
+        if len(hits) != 1:
+            raise SystemExit(f"quality.json has {len(hits)} records of stage {stage!r}; expected one")
+        hits[0].update(pass_at_1=by_variant[variant]["pass_at_1"], n_problems=by_variant[variant]["n_problems"],
+                       humaneval_from=f"bench/results/{name}.json")
+    write_json_atomic(path, doc)
 
 
 if __name__ == "__main__":
