@@ -91,3 +91,16 @@ def merge_records(name: str, records: list[dict[str, Any]], protocol: dict[str, 
     merged_protocol = {**old.get("protocol", {}), **(protocol or {})}
     extra = {k: v for k, v in old.items() if k not in ("benchmark", "created", "environment", "protocol", "records")}
     return write_results(name, merged_protocol, kept + records, **extra)
+
+
+def one_shot_factors(model: Any, tok: Any, files: list[Path], n_seqs: int, seq_len: int = 512) -> tuple[list, dict, Any]:
+    """Every group's LoRD factorization from the dense statistics of ``n_seqs`` calibration windows (seed 0):
+    ``(groups, facts, ids)``, what the quality benches cut their plans from."""
+    import lord
+    from sources import calibration_batches
+
+    ids = calibration_batches(tok, files, n_seqs=n_seqs, seq_len=seq_len, seed=0)
+    groups = lord.find_groups(model)
+    stats = lord.collect_stats(model, groups, ids, batch_size=4, progress=False)
+    facts = lord.factorize_groups(model, groups, stats, ("lord",), progress=False)["lord"]
+    return groups, facts, ids

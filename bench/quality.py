@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import PPL_PROTOCOL, RESULTS, merge_records  # noqa: I001  (bench/ is on sys.path)
+from common import PPL_PROTOCOL, RESULTS, merge_records, one_shot_factors  # noqa: I001  (bench/ is on sys.path)
 
 import lord
 from evaluation import perplexity
@@ -82,12 +82,8 @@ def run(args: argparse.Namespace) -> None:
                                "ppl_increase": 0.0, "seconds": round(load_seconds, 1),
                                "tied_embeddings": True}], protocol)
     print(f"dense ppl {dense:.4f}, {total:,} params ({linear:,} in factorable linears)", flush=True)
-    ids = calibration_batches(tok, split.calibration, n_seqs=args.calib_seqs, seq_len=512, seed=0)
-    groups = lord.find_groups(model)
     t0 = time.perf_counter()
-    stats = lord.collect_stats(model, groups, ids, batch_size=4, progress=False)
-    facts = lord.factorize_groups(model, groups, stats, ("lord",), progress=False)["lord"]
-    del stats
+    groups, facts, ids = one_shot_factors(model, tok, split.calibration, args.calib_seqs)
     gc.collect()
     one_shot_seconds = time.perf_counter() - t0
     print(f"parallel statistics + factorization: {one_shot_seconds:.0f} s", flush=True)
@@ -148,16 +144,11 @@ def run_variant(model, tok, split, proto: dict, groups: list, facts: dict, ranks
 
 def _save(cut, tok, groups: list, ranks: dict, stage: str, out: Path, source: str, metrics: dict) -> None:
     """The cut model as a LoRD checkpoint dir (the stage's format), for recovery / GPTQ / HumanEval benches."""
-    from artifacts import atomic_dir
-    from lord.checkpoint import save_factored
-    from sources.artifact import write_artifact_meta
+    from lord.stages import write_lord_dir
 
     rank_map = {g.name: {"members": list(g.members), "rank": ranks[g.name]} for g in groups}
     info = {"method": "lord", "plan": "bench/quality.py", "calibration": stage, "source_model": source}
-    with atomic_dir(out) as tmp:
-        save_factored(cut, tok, tmp, rank_map, info)
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        write_artifact_meta(tmp, "lord", source=source, **info)
+    write_lord_dir(cut, tok, out, rank_map, info, metrics, source)
     print(f"saved {out}", flush=True)
 
 

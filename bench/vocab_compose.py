@@ -22,10 +22,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lord  # noqa: E402
-from bench.common import merge_records  # noqa: E402
+from bench.common import merge_records, one_shot_factors  # noqa: E402
 from evaluation.perplexity import PerplexityConfig, perplexity  # noqa: E402
 from lord.model_ops import linear_params  # noqa: E402
-from sources import calibration_batches, code_split, load_model  # noqa: E402
+from sources import code_split, load_model  # noqa: E402
 from vocab import VocabConfig, plan_tokens, read_bpe, write_trimmed  # noqa: E402
 from vocab.count import count_token_use  # noqa: E402
 
@@ -90,10 +90,7 @@ def main() -> None:
 
 def _factors(model: Any, tok: Any, split: Any, n_seqs: int) -> dict:
     t0 = time.perf_counter()
-    ids = calibration_batches(tok, split.calibration, n_seqs=n_seqs, seq_len=512, seed=0)
-    groups = lord.find_groups(model)
-    stats = lord.collect_stats(model, groups, ids, batch_size=4, progress=False)
-    facts = lord.factorize_groups(model, groups, stats, ("lord",), progress=False)["lord"]
+    _, facts, _ = one_shot_factors(model, tok, split.calibration, n_seqs)
     print(f"statistics + factorization: {time.perf_counter() - t0:.0f} s", flush=True)
     return facts
 

@@ -56,7 +56,6 @@ def collect_stats_to_file(model: str, out: Path, cfg: CalibConfig) -> dict:
 def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Path) -> dict:
     """Factor ``model`` with the statistics file (or dir holding it) and write a loadable checkpoint dir."""
     from sources import calibration_batches, code_split, load_model
-    from sources.artifact import write_artifact_meta
 
     stats = Path(stats)
     if stats.is_dir():
@@ -93,17 +92,25 @@ def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Pat
             "stats_model": meta.get("model"), "calibration_hash": meta.get("calibration_hash")}
     metrics = {**report.metrics, "method": cfg.method, "plan": cfg.plan, "rank_deficient_groups": len(thin),
                "calibration_hash": meta.get("calibration_hash")}
-    with atomic_dir(Path(out_dir)) as tmp:
-        save_factored(m, tok, tmp, report.groups, info)
-        (tmp / "rank_map.json").write_text(json.dumps(report.groups, indent=2, sort_keys=True))
-        # per-group weights, for flows to log (lord/sensitivity.py); timings live in metrics.json: the checkpoint's
-        # files must be bit-identical on a recompute, so content-addressed downstream stages keep their cache keys
-        sens = report.plan.to_json(timings=False) if report.plan is not None else None
-        if sens is not None:
-            (tmp / "sensitivity.json").write_text(json.dumps(sens, indent=2, sort_keys=True))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        write_artifact_meta(tmp, "lord", source=str(model), **info)
+    # per-group weights, for flows to log (lord/sensitivity.py); timings live in metrics.json: the checkpoint's
+    # files must be bit-identical on a recompute, so content-addressed downstream stages keep their cache keys
+    sens = report.plan.to_json(timings=False) if report.plan is not None else None
+    extra = {"rank_map.json": report.groups, **({"sensitivity.json": sens} if sens is not None else {})}
+    write_lord_dir(m, tok, Path(out_dir), report.groups, info, metrics, str(model), extra)
     return metrics
+
+
+def write_lord_dir(model, tok, out_dir: Path, groups: dict, info: dict, metrics: dict, source: str,
+                   extra: dict | None = None) -> None:
+    """A factored model as a LoRD checkpoint dir, atomically: weights + config (``save_factored``), metrics.json,
+    ``extra`` JSON files by name, and the artifact meta naming its ``source``."""
+    from sources.artifact import write_artifact_meta
+
+    with atomic_dir(Path(out_dir)) as tmp:
+        save_factored(model, tok, tmp, groups, info)
+        for name, doc in {**(extra or {}), "metrics.json": metrics}.items():
+            (tmp / name).write_text(json.dumps(doc, indent=2, sort_keys=True))
+        write_artifact_meta(tmp, "lord", source=source, **info)
 
 
 def _calibration_ids(tok, meta: dict, stats: Path):
