@@ -35,14 +35,15 @@ from lord.sequential import sequential_decompose
 from sources import calibration_batches, code_split, load_model
 
 MODEL = "qwen2.5-coder-0.5b"
-KIND_PLANS = {"uniform": None, "no-gate_up": ("qkv", "o", "down"), "o+down": ("o", "down")}
+KIND_PLANS = {"uniform": None, "no-gate_up": ("qkv", "o", "down"), "o+down": ("o", "down"),
+              "gate_up": ("gate_up",), "mlp": ("gate_up", "down"), "no-o": ("qkv", "gate_up", "down")}
 STAGES = ("parallel", "sequential", "sequential-stats")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reductions", type=float, nargs="+", default=[0.1, 0.2])
-    ap.add_argument("--plans", nargs="+", default=["uniform"], choices=[*KIND_PLANS, "auto"])
+    ap.add_argument("--plans", nargs="+", default=["uniform"], choices=[*KIND_PLANS, "auto", "spectrum"])
     ap.add_argument("--stages", nargs="+", default=["parallel", "sequential"], choices=STAGES)
     ap.add_argument("--windows", type=int, default=8, help="held-out 512-token windows (>= 8)")
     ap.add_argument("--calib-seqs", type=int, default=16, help="calibration windows of 512 tokens")
@@ -107,8 +108,8 @@ def run(args: argparse.Namespace) -> None:
 def plan_ranks(groups: list, total: int, plan: str, reduction: float, curves: dict,
                weights: dict | None) -> dict:
     """Ranks of ``plan`` removing ``reduction`` of all parameters; kinds a plan leaves out stay dense."""
-    if plan == "auto":
-        return lord.rank_plan(groups, total, "auto", reduction, curves, weights=weights)
+    if plan in ("auto", "spectrum"):
+        return lord.rank_plan(groups, total, plan, reduction, curves, weights=weights if plan == "auto" else None)
     kinds = KIND_PLANS[plan]
     chosen = [g for g in groups if kinds is None or g.kind in kinds]
     ranks = dict.fromkeys((g.name for g in groups), None)
