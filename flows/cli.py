@@ -78,7 +78,8 @@ def _parser(full: bool = True) -> argparse.ArgumentParser:
     r.add_argument("--bits", type=int, nargs="+", choices=SUPPORTED_BITS, help="GPTQ widths, e.g. --bits 8 4")
     for stage in STAGES:
         if stage in OPTIONAL_STAGES:
-            r.add_argument(f"--{stage}", action="store_true", help=f"run the optional {stage} stage")
+            r.add_argument(f"--{stage}", action=argparse.BooleanOptionalAction, default=None,
+                           help=f"run (or skip) the optional {stage} stage (default: as the preset says)")
         else:
             r.add_argument(f"--no-{stage}", dest=stage, action="store_false", help=f"skip the {stage} stage")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.FIELD=VALUE",

@@ -36,7 +36,7 @@ def lord_pipeline(
     model: str | None = None,
     reduction: float | None = None,
     bits: list[int] | None = None,
-    vocab: bool = False,
+    vocab: bool | None = None,
     calibrate: bool = True,
     decompose: bool = True,
     quantize: bool = True,

@@ -14,8 +14,8 @@ from typing import Any
 from flows.errors import FlowError
 
 STAGES = ("vocab", "calibrate", "decompose", "quantize", "finetune", "evaluate")
-# Off unless asked (lord run --vocab): vocabulary trimming before calibration (vocab/), with these defaults
-# when the preset says nothing: on the 0.5B keep=65536 removed 15.7% of all parameters at -0.08% held-out
+# Off unless the preset enables it (``enable``) or asked (lord run --vocab): vocabulary trimming before calibration
+# (vocab/), with these defaults when the preset says nothing: on the 0.5B keep=65536 removed 15.7% of all parameters at -0.08% held-out
 # bits/byte, keep=32768 21.6% at +0.57% (bench/results/vocab.json).
 OPTIONAL_STAGES: dict[str, dict[str, Any]] = {"vocab": {"keep": 65536}}
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -44,9 +44,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         # calibration tokens must exceed the widest group input (Qwen's down_proj reads 4864): with 16x256 the
         # Gram was rank-deficient and LoRD-10% cost ppl 6.95 -> 12.3 in a measured make run
         "calibrate": {"n_seqs": 32, "seq_len": 256},
+        # A code model never uses most of its 152k-token vocabulary: trimming it to 65536 removes 15.7% of all
+        # parameters at -0.08% bits/byte (bench/results/vocab.json), where any LoRD cut of the 0.5B costs >= +17%
+        # ppl (every group at its parity rank: 8.17 at 1% of the trimmed model, 8.43 at 2.5%, 8.90 at 5%; dense
+        # 6.955; LoRD alone at -10% 10.93). So the default trims first, then factors 2.5% of the trimmed model:
+        # -17.8% of all parameters in all (`--no-vocab --reduction 0.1` is LoRD alone at -10%).
+        "enable": ("vocab",),
+        "vocab": {"keep": 65536},
         # uniform: on the 0.5B the search plan picks uniform anyway (bench/results/lord_plans.json) after 4-5 min
-        # of loss evaluations; `--plan search` keeps it
-        "decompose": {"method": "lord", "plan": "uniform", "reduction": 0.1},
+        # of loss evaluations, and plans that leave kinds dense or follow the spectrum lose (quality.json)
+        "decompose": {"method": "lord", "plan": "uniform", "reduction": 0.025},
         "quantize": {"group_size": 128, "n_seqs": 16, "seq_len": 256},
         # recovery = distillation from the dense teacher (finetune.kd), bounded by time
         "finetune": {"objective": "kd", "budget_minutes": 2.0, "steps": None, "kd_n_seqs": 24, "n_eval": 4,
@@ -126,7 +133,7 @@ def resolve_spec(
     model: str | None = None,
     reduction: float | None = None,
     bits: list[int] | None = None,
-    stages: dict[str, bool] | None = None,
+    stages: dict[str, bool | None] | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
 ) -> PipelineSpec:
     """Preset + flow parameters -> a validated PipelineSpec (the single place presets are read)."""
@@ -145,11 +152,13 @@ def resolve_spec(
         if not isinstance(kv, dict):
             raise FlowError(f"overrides[{stage!r}]={kv!r}: expected a mapping field -> value.")
         kwargs[stage].update(kv)
-    flags = {s: s not in OPTIONAL_STAGES for s in STAGES}
+    # optional stages run when the preset enables them ("enable") or the caller asks; None = the preset decides
+    flags = {s: s not in OPTIONAL_STAGES or s in base.get("enable", ()) for s in STAGES}
     for stage, on in (stages or {}).items():
         if stage not in STAGES:
             raise FlowError(f"stage switch {stage!r} is unknown; expected one of {list(STAGES)}.")
-        flags[stage] = bool(on)
+        if on is not None:
+            flags[stage] = bool(on)
     # calibration exists only to feed decomposition: skipping decompose skips it too.
     if not flags["decompose"]:
         flags["calibrate"] = False

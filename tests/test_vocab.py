@@ -249,6 +249,16 @@ def test_vocab_stage_is_off_by_default_and_runs_before_calibration():
     assert spec.enabled[:2] == ("vocab", "calibrate") and spec.stage_kwargs["vocab"] == {"keep": 1000}
 
 
+def test_a_preset_can_enable_the_vocab_stage_and_the_caller_can_still_turn_it_off():
+    from flows.presets import PRESETS, resolve_spec
+
+    assert "vocab" in PRESETS["default"].get("enable", ())  # the 0.5B default trims its vocabulary
+    for switch in ({}, {"vocab": None}):  # None (the flow/CLI default) = as the preset says
+        spec = resolve_spec("default", stages=switch)
+        assert spec.enabled[:2] == ("vocab", "calibrate") and spec.stage_kwargs["vocab"]["keep"] == 65536
+    assert "vocab" not in resolve_spec("default", stages={"vocab": False}).enabled
+
+
 def test_flow_with_vocab_stage_feeds_lord(tied_dir, corpus, tmp_path):
     from bench.harness import shared_prefect_harness, temp_mlflow_store
     from flows.pipeline import lord_pipeline
