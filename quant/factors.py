@@ -78,21 +78,45 @@ def balance_scales(down: torch.Tensor, ups: list[torch.Tensor], eps: float = 1e-
     return torch.where(ok, (nd / nu.clamp_min(eps)).sqrt(), torch.ones_like(nd))
 
 
+@dataclass(frozen=True)
+class BottleneckMoments:
+    """``[down; Qd] h [down; Qd]^T`` in its three r x r blocks (float64): everything an up refit, its error
+    check and the refit up's GPTQ Hessian need. Why: each of those used to multiply the n x n ``h`` again (six
+    n^2 r products per up; for Qwen's 4864-wide down_proj ~25 s a layer in float64); this is one product, in
+    float32 like the Hessian sums it reads, shared by every member of the group."""
+
+    dd: torch.Tensor  # down h down^T
+    dq: torch.Tensor  # down h Qd^T
+    qq: torch.Tensor  # Qd h Qd^T
+
+    @classmethod
+    def of(cls, down: torch.Tensor, q_down: torch.Tensor, h: torch.Tensor) -> BottleneckMoments:
+        r = down.shape[0]
+        b = torch.cat([down.float(), q_down.float()], dim=0)  # 2r x n
+        m = (b @ (h.float() @ b.T)).double()
+        m = 0.5 * (m + m.T)
+        return cls(m[:r, :r], m[:r, r:], m[r:, r:])
+
+    def error(self, up: torch.Tensor, up_q: torch.Tensor) -> float:
+        """``tr(E h E^T)``, ``E = up down - up_q Qd``, through the rank."""
+        up, up_q = up.double(), up_q.double()
+        return float(((up @ self.dd) * up).sum() - 2 * ((up @ self.dq) * up_q).sum() + ((up_q @ self.qq) * up_q).sum())
+
+
 def refit_up(up: torch.Tensor, down: torch.Tensor, q_down: torch.Tensor, h: torch.Tensor,
-             damp: float = 1e-6) -> torch.Tensor:
+             damp: float = 1e-6, moments: BottleneckMoments | None = None) -> torch.Tensor:
     """``argmin_up' ||(up down - up' Qd) X||_F`` with ``h ~ X X^T`` (the down's input Hessian), i.e.
     ``up (down h Qd^T)(Qd h Qd^T + damp*mean(diag) I)^-1``. Falls back to ``up`` if the (damped) solve is
-    not better, so it never increases the layer's float output error on ``h``."""
-    up64, d64, q64, h64 = up.double(), down.double(), q_down.double(), h.double()
-    cross = d64 @ h64 @ q64.T  # r x r: E[down x (Qd x)^T]
-    hq = q64 @ h64 @ q64.T
-    hq = 0.5 * (hq + hq.T)
-    hq += damp * hq.diagonal().mean().clamp_min(1e-30) * torch.eye(hq.shape[0], dtype=hq.dtype)
+    not better, so it never increases the layer's float output error on ``h``. ``moments``: the group's
+    ``BottleneckMoments`` if already computed (then ``down``, ``q_down``, ``h`` are not read)."""
+    mom = moments or BottleneckMoments.of(down, q_down, h)
+    up64 = up.double()
+    hq = mom.qq + damp * mom.qq.diagonal().mean().clamp_min(1e-30) * torch.eye(mom.qq.shape[0], dtype=torch.float64)
     try:
-        new = torch.linalg.solve(hq, (up64 @ cross).T).T  # solve(A, B) with A symmetric
+        new = torch.linalg.solve(hq, (up64 @ mom.dq).T).T  # solve(A, B) with A symmetric
     except torch.linalg.LinAlgError:
         return up.clone()
-    if pair_error(new, q64, up64, d64, h64) > pair_error(up64, q64, up64, d64, h64):
+    if mom.error(up64, new) > mom.error(up64, up64):
         return up.clone()
     return new.to(up.dtype)
 
@@ -123,6 +147,7 @@ class FactorPlan:
         self._float_down: dict[str, torch.Tensor] = {}
         self._q_down: dict[str, torch.Tensor] = {}
         self._h_down: dict[str, GPTQ] = {}
+        self._moments: dict[str, BottleneckMoments] = {}
 
     def bits(self, name: str) -> int:
         if name in self.downs and self.cfg.down_bits is not None:
@@ -145,9 +170,12 @@ class FactorPlan:
         if down is None or down not in self._q_down:
             return w
         h, qd = self._h_down[down].H, self._q_down[down]
-        new = refit_up(w.float(), self._float_down[down], qd, h)
+        if down not in self._moments:  # once per group, shared by its members
+            self._moments[down] = BottleneckMoments.of(self._float_down[down], qd, h)
+        mom = self._moments[down]
+        new = refit_up(w.float(), self._float_down[down], qd, h, moments=mom)
         stat = GPTQ(qd.shape[0])
-        stat.H = (qd @ h @ qd.T).float()
+        stat.H = mom.qq.float()
         stat.n_samples = self._h_down[down].n_samples
         stats[name] = stat
         return new.to(w.dtype)

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from quant import QuantConfig, QuantError, QuantLinear, load_quantized, quantize_model, save_quantized
-from quant.factors import balance_factors_, balance_scales, factor_groups, pair_error, refit_up
+from quant.factors import (
+    BottleneckMoments,
+    balance_factors_,
+    balance_scales,
+    factor_groups,
+    pair_error,
+    refit_up,
+)
 from quant.gptq import GPTQ
 from quant.rtn import rtn_quantize
 from tests.test_quant_model import _factor, logits, rel_err
@@ -80,6 +87,18 @@ def test_up_refit_never_increases_the_pair_error():
             assert after < 0.8 * before  # a real gain where the rounding error is large
     # an exact down leaves nothing to refit
     torch.testing.assert_close(refit_up(up, down, down, h), up, rtol=1e-4, atol=1e-5)
+
+
+def test_bottleneck_moments_give_the_pair_error_and_the_refit_up_hessian():
+    up, down, x = _imbalanced_pair()
+    h = x.T @ x / x.shape[0]
+    qd = rtn_quantize(down, 4, 16, True).dequantize()
+    qu = rtn_quantize(up, 4, 16, True).dequantize()
+    mom = BottleneckMoments.of(down, qd, h)
+    assert mom.error(up, qu) == pytest.approx(pair_error(qu, qd, up, down, h), rel=1e-4)
+    torch.testing.assert_close(mom.qq, (qd.double() @ h.double() @ qd.double().T), rtol=1e-4, atol=1e-6)
+    # the refit from shared moments is the refit from scratch
+    torch.testing.assert_close(refit_up(up, down, qd, h, moments=mom), refit_up(up, down, qd, h))
 
 
 def test_upfit_gptq_beats_plain_gptq_on_the_tiny_lord_model(tiny_qwen2, calib_ids):
