@@ -115,8 +115,9 @@ def implicit_inputs(stage: str, cfg: dict[str, Any]) -> dict[str, Any]:
     if stage == "vocab" and cfg.get("corpus"):
         out["corpus"] = content_digest(Path(cfg["corpus"]).expanduser())
     if stage == "finetune":
-        if cfg.get("data"):
-            out["data"] = sha256_file(Path(cfg["data"]))
+        if cfg.get("data"):  # instruction JSONL (sft) or a directory of code to distil on (kd)
+            data = Path(cfg["data"]).expanduser()
+            out["data"] = code_split(data).digest if data.is_dir() else sha256_file(data)
         else:
             from sources.instructions import DEFAULT_PACKAGES, installed_versions
 

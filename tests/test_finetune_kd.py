@@ -134,6 +134,12 @@ def test_source_chain_and_bad_inputs(tmp_path):
     (gptq / "lord_artifact.json").write_text(json.dumps({"kind": "gptq", "source": str(lord)}))
     assert resolve_teacher(gptq, FinetuneConfig()) == str(dense)
     assert resolve_teacher(gptq, FinetuneConfig(teacher="other")) == "other"
+    # a trimmed vocabulary in the chain is the teacher: the student shares its tokenizer, not the original's
+    trimmed = tmp_path / "trimmed"
+    trimmed.mkdir()
+    (trimmed / "lord_artifact.json").write_text(json.dumps({"kind": "dense", "stage": "vocab", "source": str(dense)}))
+    (lord / "lord_artifact.json").write_text(json.dumps({"kind": "lord", "source": str(trimmed)}))
+    assert resolve_teacher(gptq, FinetuneConfig()) == str(trimmed)
     with pytest.raises(FinetuneError, match="objective"):
         FinetuneConfig(objective="distil")
     with pytest.raises(FinetuneError, match="budget"):

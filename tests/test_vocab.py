@@ -266,13 +266,19 @@ def test_flow_with_vocab_stage_feeds_lord(tied_dir, corpus, tmp_path):
     (tmp_path / "mlflow").mkdir()
     with shared_prefect_harness(), temp_mlflow_store(tmp_path / "mlflow"):
         res = lord_pipeline(
-            preset="smoke", model=str(tied_dir), vocab=True, reduction=0.02, quantize=False, finetune=False,
+            preset="smoke", model=str(tied_dir), vocab=True, reduction=0.02, quantize=False,
             overrides={"vocab": {"keep": KEEP, "corpus": str(corpus)}, "calibrate": {"n_seqs": 6, "seq_len": 32},
+                       "finetune": {"steps": 1, "kd_n_seqs": 3, "max_seq_len": 32, "n_eval": 1, "eval_every": 1,
+                                    "data": str(corpus), "kd_cache_dir": str(tmp_path / "kd")},
                        "evaluate": {"seq_len": 32, "n_windows": 2, "humaneval_problems": 0,
                                     "allow_execution": False}},
             runs_dir=str(tmp_path / "runs"), experiment="test-vocab")
     assert [s["label"] for s in res["stages"]] == ["evaluate[dense]", "vocab", "evaluate[vocab]", "calibrate",
-                                                   "decompose", "evaluate[vocab+lord]"]
+                                                   "decompose", "evaluate[vocab+lord]", "finetune",
+                                                   "evaluate[vocab+lord+qlora]"]
+    # distillation's teacher is the trimmed model (the student's tokenizer), not the original vocabulary
+    ft = json.loads((Path(res["stages"][6]["dir"]) / "metrics.json").read_text())
+    assert json.dumps(ft).count(res["stages"][1]["dir"]) >= 1
     stats_dir = Path(res["stages"][3]["dir"])
     assert json.loads((stats_dir / "metrics.json").read_text())["n_tokens"] == 6 * 32
     decomposed = json.loads((Path(res["stages"][4]["dir"]) / "lord_artifact.json").read_text())
