@@ -90,10 +90,12 @@ class BottleneckMoments:
     qq: torch.Tensor  # Qd h Qd^T
 
     @classmethod
-    def of(cls, down: torch.Tensor, q_down: torch.Tensor, h: torch.Tensor) -> BottleneckMoments:
+    def of(cls, down: torch.Tensor, q_down: torch.Tensor, h: torch.Tensor,
+           dtype: torch.dtype = torch.float32) -> BottleneckMoments:
+        """``dtype``: of the n x n product (float64 for reference figures, pair_error)."""
         r = down.shape[0]
-        b = torch.cat([down.float(), q_down.float()], dim=0)  # 2r x n
-        m = (b @ (h.float() @ b.T)).double()
+        b = torch.cat([down.to(dtype), q_down.to(dtype)], dim=0)  # 2r x n
+        m = (b @ (h.to(dtype) @ b.T)).double()
         m = 0.5 * (m + m.T)
         return cls(m[:r, :r], m[:r, r:], m[r:, r:])
 
@@ -103,7 +105,7 @@ class BottleneckMoments:
         return float(((up @ self.dd) * up).sum() - 2 * ((up @ self.dq) * up_q).sum() + ((up_q @ self.qq) * up_q).sum())
 
 
-def refit_up(up: torch.Tensor, down: torch.Tensor, q_down: torch.Tensor, h: torch.Tensor,
+def refit_up(up: torch.Tensor, down: torch.Tensor | None, q_down: torch.Tensor | None, h: torch.Tensor | None,
              damp: float = 1e-6, moments: BottleneckMoments | None = None) -> torch.Tensor:
     """``argmin_up' ||(up down - up' Qd) X||_F`` with ``h ~ X X^T`` (the down's input Hessian), i.e.
     ``up (down h Qd^T)(Qd h Qd^T + damp*mean(diag) I)^-1``. Falls back to ``up`` if the (damped) solve is
@@ -124,11 +126,8 @@ def refit_up(up: torch.Tensor, down: torch.Tensor, q_down: torch.Tensor, h: torc
 def pair_error(up_q: torch.Tensor, down_q: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                h: torch.Tensor) -> float:
     """``tr(E h E^T)`` with ``E = up down - up_q down_q``: the pair's output error on inputs with moment ``h``,
-    computed through the rank (``E h E^T`` never forms an ``m x n`` product twice)."""
-    up, down, up_q, down_q, h = (t.double() for t in (up, down, up_q, down_q, h))
-    a = torch.cat([up, -up_q], dim=1)  # m x 2r
-    b = torch.cat([down, down_q], dim=0)  # 2r x n
-    return float(((a.T @ a) * (b @ h @ b.T)).sum())
+    computed through the rank, in float64 throughout (a reference figure, not the walk's hot path)."""
+    return BottleneckMoments.of(down, down_q, h, torch.float64).error(up, up_q)
 
 
 class FactorPlan:
@@ -144,10 +143,8 @@ class FactorPlan:
         self.groups = factor_groups(layer)
         self.down_of = {u: g.down for g in self.groups for u in g.ups}
         self.downs = {g.down for g in self.groups}
-        self._float_down: dict[str, torch.Tensor] = {}
-        self._q_down: dict[str, torch.Tensor] = {}
-        self._h_down: dict[str, GPTQ] = {}
-        self._moments: dict[str, BottleneckMoments] = {}
+        self._float_down: dict[str, tuple[torch.Tensor, GPTQ]] = {}  # a down's float weight and Hessian, until quantized
+        self._moments: dict[str, tuple[BottleneckMoments, int]] = {}  # then its moments and sample count
 
     def bits(self, name: str) -> int:
         if name in self.downs and self.cfg.down_bits is not None:
@@ -163,27 +160,26 @@ class FactorPlan:
         if not self.cfg.factor_upfit or stats is None:
             return w
         if name in self.downs:
-            self._float_down[name] = w.float().clone()
-            self._h_down[name] = stats[name]
+            self._float_down[name] = (w.float().clone(), stats[name])
             return w
         down = self.down_of.get(name)
-        if down is None or down not in self._q_down:
+        if down is None or down not in self._moments:
             return w
-        h, qd = self._h_down[down].H, self._q_down[down]
-        if down not in self._moments:  # once per group, shared by its members
-            self._moments[down] = BottleneckMoments.of(self._float_down[down], qd, h)
-        mom = self._moments[down]
-        new = refit_up(w.float(), self._float_down[down], qd, h, moments=mom)
-        stat = GPTQ(qd.shape[0])
+        mom, n_samples = self._moments[down]
+        new = refit_up(w.float(), None, None, None, moments=mom)
+        stat = GPTQ(mom.qq.shape[0])
         stat.H = mom.qq.float()
-        stat.n_samples = self._h_down[down].n_samples
+        stat.n_samples = n_samples
         stats[name] = stat
         return new.to(w.dtype)
 
     def after(self, name: str, qw: QuantizedWeight) -> None:
-        """Record a quantized ``down`` (dequantized, float32) for its members' refits."""
-        if self.cfg.factor_upfit and name in self.downs:
-            self._q_down[name] = qw.dequantize().float()
+        """Once a ``down`` is quantized: its group's bottleneck moments, for every member's refit (the float
+        weight and the n x n Hessian are dropped then)."""
+        if self.cfg.factor_upfit and name in self._float_down:
+            float_down, stat = self._float_down.pop(name)
+            mom = BottleneckMoments.of(float_down, qw.dequantize().float(), stat.H)
+            self._moments[name] = (mom, stat.n_samples)
 
 
 def rotation(rank: int, seed: int = 0) -> torch.Tensor:
