@@ -48,9 +48,10 @@ def blockwise_run(args: argparse.Namespace, files: list[Path], dense: dict, lord
     from finetune.blockwise import BlockwiseConfig, blockwise_to_dir
 
     out = args.work / f"blockwise-{args.budget_minutes:g}min"
-    cfg = BlockwiseConfig(budget_minutes=args.budget_minutes, lr=args.blockwise_lr, budget_clock="process")
+    cfg = BlockwiseConfig(budget_minutes=args.budget_minutes, lr=args.blockwise_lr, budget_clock="process",
+                          n_seqs=args.kd_seqs, seq_len=256)
     t0 = time.perf_counter()
-    report = blockwise_to_dir(args.lord, out, cfg, n_seqs=args.kd_seqs, seq_len=256, progress=False)
+    report = blockwise_to_dir(args.lord, cfg, out, progress=False)
     wall = time.perf_counter() - t0
     after = measure(str(out), files)
     print("blockwise", {k: report[k] for k in ("budget_seconds", "seconds", "n_tokens")}, after)

@@ -5,6 +5,7 @@ accumulation / schedule / eval / early stop, adapter save, and a merged float mo
     metrics = finetune_to_dir("smollm2-135m", FinetuneConfig(steps=50, lora_r=16), Path("runs/ft"))
 """
 
+from .blockwise import BlockwiseConfig, blockwise_to_dir
 from .checkpoint import load_finetuned
 from .cli import run_finetune
 from .config import DEFAULT_TARGETS, FinetuneConfig
@@ -16,7 +17,7 @@ from .stage import finetune_to_dir
 from .train import TrainResult, train
 
 __all__ = [
-    "DEFAULT_TARGETS", "FinetuneConfig", "FinetuneError", "TrainResult", "attach_lora", "finetune_in_subprocess",
+    "DEFAULT_TARGETS", "BlockwiseConfig", "blockwise_to_dir", "FinetuneConfig", "FinetuneError", "TrainResult", "attach_lora", "finetune_in_subprocess",
     "finetune_to_dir", "load_base", "load_finetuned", "load_instructions", "run_finetune", "target_module_names",
     "train", "validate_jsonl",
 ]

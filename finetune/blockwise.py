@@ -13,7 +13,7 @@ overrunning the budget. Uses the forward toolkit's capture / run_layer (``forwar
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -24,6 +24,8 @@ from .errors import FinetuneError
 
 @dataclass(frozen=True)
 class BlockwiseConfig:
+    """The pipeline's ``refine`` stage config (between decompose and quantize) and ``blockwise_to_dir``'s."""
+
     budget_minutes: float = 5.0
     lr: float = 1e-4
     batch_size: int = 4          # windows per optimizer step
@@ -31,11 +33,25 @@ class BlockwiseConfig:
     seed: int = 0
     budget_clock: str = "wall"   # or "process": CPU seconds / threads (finetune.train.Clock)
     probe_batches: int = 2       # batches the per-layer error before/after is measured on
+    n_seqs: int = 64             # calibration windows (the stdlib split's calibration side, or ``data``)
+    seq_len: int = 256
+    data: str | None = None      # a directory of .py files to refine on instead of the stdlib
+    teacher: str | None = None   # None: the model the LoRD checkpoint was factored from
 
     def __post_init__(self) -> None:
+        from .config import CLOCKS
+
         if not self.budget_minutes > 0 or not self.lr > 0 or self.batch_size < 1 or self.min_steps < 0:
             raise FinetuneError(f"BlockwiseConfig {self}: budget_minutes and lr must be > 0, batch_size >= 1, "
                                 f"min_steps >= 0.")
+        if self.n_seqs < 1 or self.seq_len < 16:
+            raise FinetuneError(f"BlockwiseConfig n_seqs={self.n_seqs}, seq_len={self.seq_len}: expected >= 1 "
+                                "windows of >= 16 tokens.")
+        if self.budget_clock not in CLOCKS:
+            raise FinetuneError(f"budget_clock={self.budget_clock!r}; expected one of {CLOCKS}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def factor_parameters(layer: nn.Module) -> list[nn.Parameter]:
@@ -113,11 +129,11 @@ def blockwise_distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor,
             "n_tokens": int(ids.numel()), "budget_seconds_allowed": budget}
 
 
-def blockwise_to_dir(model: str, out_dir: Any, cfg: BlockwiseConfig, n_seqs: int = 64, seq_len: int = 256,
-                     teacher: str | None = None, data: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Refine the LoRD checkpoint ``model`` block-wise against its dense source (or ``teacher``) on ``n_seqs``
-    calibration windows (stdlib split or ``data``, a directory of .py files) and write a LoRD checkpoint of the
-    same kind and source to ``out_dir`` (atomically), with the report in metrics.json."""
+def blockwise_to_dir(model: str, cfg: BlockwiseConfig, out_dir: Any, progress: bool = True) -> dict[str, Any]:
+    """Refine the LoRD checkpoint ``model`` block-wise against its dense source (or ``cfg.teacher``) on
+    ``cfg.n_seqs`` calibration windows (stdlib split or ``cfg.data``, a directory of .py files) and write a LoRD
+    checkpoint of the same kind and source to ``out_dir`` (atomically), with the report in metrics.json. The
+    signature is a pipeline stage's (``flows.stages``: the ``refine`` stage)."""
     import json
     import shutil
     from pathlib import Path
@@ -132,12 +148,16 @@ def blockwise_to_dir(model: str, out_dir: Any, cfg: BlockwiseConfig, n_seqs: int
     if not (src / "lord_artifact.json").is_file():
         raise FinetuneError(f"{model} is not a LoRD checkpoint directory (no lord_artifact.json); block-wise "
                             f"distillation refines the factors that lord decompose writes.")
-    teacher = resolve_teacher(src, FinetuneConfig(teacher=teacher))
+    teacher = resolve_teacher(src, FinetuneConfig(teacher=cfg.teacher))
     student, tok = load_model(str(src))
     dense, _ = load_model(teacher)
-    split = code_split(data) if data else code_split()
-    ids = calibration_batches(tok, split.calibration, n_seqs=n_seqs, seq_len=seq_len, seed=cfg.seed)
+    split = code_split(cfg.data) if cfg.data else code_split()
+    ids = calibration_batches(tok, split.calibration, n_seqs=cfg.n_seqs, seq_len=cfg.seq_len, seed=cfg.seed)
     report = blockwise_distill(student, dense, ids, cfg, progress=progress)
+    layers = report["layers"]
+    report.update({"teacher": teacher, "rel_err_before_mean": sum(r["rel_err_before"] for r in layers) / len(layers),
+                   "rel_err_after_mean": sum(r["rel_err_after"] for r in layers) / len(layers),
+                   "steps_total": sum(r["steps"] for r in layers)})
     del dense
     with atomic_dir(Path(out_dir)) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
@@ -148,8 +168,8 @@ def blockwise_to_dir(model: str, out_dir: Any, cfg: BlockwiseConfig, n_seqs: int
                     and p.name not in ("MANIFEST.json", "metrics.json"):
                 shutil.copy2(p, tmp / p.name)
         meta = json.loads((src / "lord_artifact.json").read_text())
-        meta["refined"] = {"method": "blockwise", "from": str(src), "teacher": teacher, "config": cfg.__dict__,
-                           "n_seqs": n_seqs, "seq_len": seq_len, "data": data or "stdlib"}
+        meta["refined"] = {"method": "blockwise", "from": str(src), "teacher": teacher, "config": cfg.to_dict(),
+                           "data": cfg.data or "stdlib"}
         write_json_atomic(tmp / "lord_artifact.json", meta)
         write_json_atomic(tmp / "metrics.json", report)
     return report

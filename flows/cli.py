@@ -240,10 +240,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from flows.summary import format_table
 
     result = lord_pipeline(
-        preset=args.preset, model=args.model, reduction=args.reduction, bits=args.bits, vocab=args.vocab,
-        calibrate=args.calibrate, decompose=args.decompose, quantize=args.quantize, finetune=args.finetune,
-        evaluate=args.evaluate, overrides=parse_overrides(args.overrides) or None, runs_dir=args.runs_dir,
-        experiment=args.experiment,
+        preset=args.preset, model=args.model, reduction=args.reduction, bits=args.bits,
+        **{stage: getattr(args, stage) for stage in STAGES}, overrides=parse_overrides(args.overrides) or None,
+        runs_dir=args.runs_dir, experiment=args.experiment,
     )
     print()
     print(f"lord-pipeline ({result['preset']}, {result['model']})")

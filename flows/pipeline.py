@@ -39,6 +39,7 @@ def lord_pipeline(
     vocab: bool | None = None,
     calibrate: bool = True,
     decompose: bool = True,
+    refine: bool | None = None,
     quantize: bool = True,
     finetune: bool = True,
     evaluate: bool = True,
@@ -48,8 +49,8 @@ def lord_pipeline(
 ) -> dict[str, Any]:
     """Run the pipeline; returns the MLflow parent run id, per-stage records and the summary rows."""
     spec = resolve_spec(preset, model, reduction, bits,
-                        {"vocab": vocab, "calibrate": calibrate, "decompose": decompose, "quantize": quantize,
-                         "finetune": finetune, "evaluate": evaluate}, overrides)
+                        {"vocab": vocab, "calibrate": calibrate, "decompose": decompose, "refine": refine,
+                         "quantize": quantize, "finetune": finetune, "evaluate": evaluate}, overrides)
     cfgs = _stage_configs(spec)  # every config validated before any compute
     tracker = Tracker(experiment)  # unreachable tracking server -> FlowError, before any compute
     runner = _Runner(spec, cfgs, Path(runs_dir).resolve(), tracker)
@@ -106,7 +107,8 @@ class _Runner:
 
         current, name = spec.model, "dense"
         self._final = ("finetune" if "finetune" in spec.enabled else f"quantize{min(spec.bits)}"
-                       if "quantize" in spec.enabled else "decompose" if "decompose" in spec.enabled
+                       if "quantize" in spec.enabled else "refine" if "refine" in spec.enabled
+                       else "decompose" if "decompose" in spec.enabled
                        else "vocab" if "vocab" in spec.enabled else "dense")
         self._evaluate(name, current, {})
         if "vocab" in spec.enabled:  # trimmed vocabulary: LoRD then calibrates and factors the trimmed model
@@ -119,6 +121,10 @@ class _Runner:
                                                           "stats": str(Path(stats["dir"]) / STATS_FILE)})
             current, name = lord["dir"], _join(name, "lord")
             self._evaluate(name, current, self.cfgs["decompose"], "decompose")
+        if "refine" in spec.enabled:  # the float factors trained layer by layer against the layers they replace
+            refined = self._stage("refine", "refine", {"model": current})
+            current, name = refined["dir"], _join(name, "refine")
+            self._evaluate(name, current, self.cfgs["refine"], "refine")
         if "quantize" in spec.enabled:
             base, base_name = current, name
             for b in sorted(spec.bits, reverse=True):  # the narrowest width is what finetune starts from

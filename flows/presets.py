@@ -13,11 +13,13 @@ from typing import Any
 
 from flows.errors import FlowError
 
-STAGES = ("vocab", "calibrate", "decompose", "quantize", "finetune", "evaluate")
+STAGES = ("vocab", "calibrate", "decompose", "refine", "quantize", "finetune", "evaluate")
 # Off unless the preset enables it (``enable``) or asked (lord run --vocab): vocabulary trimming before calibration
 # (vocab/), with these defaults when the preset says nothing: on the 0.5B keep=65536 removed 15.7% of all parameters at -0.08% held-out
 # bits/byte, keep=32768 21.6% at +0.57% (bench/results/vocab.json).
-OPTIONAL_STAGES: dict[str, dict[str, Any]] = {"vocab": {"keep": 65536}}
+# refine: block-wise distillation of the float LoRD factors against the layers they replace (finetune.blockwise),
+# before GPTQ, so quantization starts from the better factors; the budget covers the whole stage.
+OPTIONAL_STAGES: dict[str, dict[str, Any]] = {"vocab": {"keep": 65536}, "refine": {"budget_minutes": 5.0}}
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 # Sizes: smoke finishes in a few minutes on smollm2-135m; default finishes `make run` in <= 20 min on 2 cores
@@ -106,6 +108,9 @@ class PipelineSpec:
         if "decompose" in self.enabled and "calibrate" not in self.enabled:
             raise FlowError("decompose=True with calibrate=False: LoRD needs the calibration statistics; "
                             "enable calibrate or disable decompose.")
+        if "refine" in self.enabled and "decompose" not in self.enabled:
+            raise FlowError("refine=True with decompose=False: refine trains the LoRD factors that decompose "
+                            "writes; enable decompose or disable refine.")
         if "quantize" in self.enabled and not self.bits:
             raise FlowError("quantize=True with bits=[]: give at least one of "
                             f"{list(SUPPORTED_BITS)} or disable quantize.")
@@ -159,9 +164,12 @@ def resolve_spec(
             raise FlowError(f"stage switch {stage!r} is unknown; expected one of {list(STAGES)}.")
         if on is not None:
             flags[stage] = bool(on)
-    # calibration exists only to feed decomposition: skipping decompose skips it too.
+    # calibration exists only to feed decomposition, refinement only to train its factors: skipping decompose
+    # skips both (an explicit refine=True without decompose is an error in PipelineSpec).
     if not flags["decompose"]:
         flags["calibrate"] = False
+        if not (stages or {}).get("refine"):
+            flags["refine"] = False
     return PipelineSpec(
         model=model or base["model"],
         enabled=tuple(s for s in STAGES if flags[s]),

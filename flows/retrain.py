@@ -36,7 +36,7 @@ from flows.tasks import submit_stage
 from flows.tracking import tracking_uri
 
 CORPUS_FIELDS = {"calibrate": "corpus", "decompose": "corpus", "quantize": "corpus", "evaluate": "heldout_root",
-                 "vocab": "corpus"}
+                 "vocab": "corpus", "refine": "data"}
 
 
 def user_overrides(corpus: str | None, data: str | None,

@@ -36,6 +36,7 @@ REGISTRY: dict[str, StageSpec] = {
     "vocab": StageSpec("vocab:trim_to_dir", "vocab:VocabConfig"),
     "calibrate": StageSpec("lord:collect_stats_to_file", "lord:CalibConfig"),
     "decompose": StageSpec("lord:decompose_to_dir", "lord:DecomposeConfig"),
+    "refine": StageSpec("finetune:blockwise_to_dir", "finetune:BlockwiseConfig"),
     "quantize": StageSpec("quant:quantize_to_dir", "quant:QuantConfig"),
     "finetune": StageSpec("finetune:finetune_to_dir", "finetune:FinetuneConfig"),
     "evaluate": StageSpec("evaluation:evaluate_to_dir", "evaluation:EvalConfig"),
@@ -45,6 +46,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "vocab": ("vocab", "sources", "artifacts"),
     "calibrate": ("lord", "forward", "sources", "artifacts"),
     "decompose": ("lord", "forward", "sources", "artifacts"),
+    "refine": ("finetune", "lord", "forward", "sources", "artifacts"),
     "quantize": ("quant", "lord", "forward", "sources", "artifacts"),
     "finetune": ("finetune", "quant", "lord", "forward", "sources", "artifacts"),
     "evaluate": ("evaluation", "finetune", "quant", "lord", "forward", "sources", "artifacts"),
@@ -114,6 +116,10 @@ def implicit_inputs(stage: str, cfg: dict[str, Any]) -> dict[str, Any]:
         out["corpus"] = code_split(root).digest
     if stage == "vocab" and cfg.get("corpus"):
         out["corpus"] = content_digest(Path(cfg["corpus"]).expanduser())
+    if stage == "refine":  # calibration windows of a user code directory, or the stdlib's; a named teacher's weights
+        out["corpus"] = code_split(cfg.get("data")).digest
+        if cfg.get("teacher"):
+            out["teacher"] = content_hash(cfg["teacher"])
     if stage == "finetune":
         if cfg.get("data"):  # instruction JSONL (sft) or a directory of code to distil on (kd)
             data = Path(cfg["data"]).expanduser()

@@ -96,12 +96,16 @@ def _run_stage(stage: str, cfg: dict[str, Any], inputs: dict[str, str], runs_dir
 @task(name="sweep-point", task_run_name="{name}")
 def sweep_point(name: str, cfgs: dict[str, dict[str, Any]], base: str, stats: str, bits: int | None,
                 runs_dir: str) -> dict[str, Any]:
-    """One grid point on whichever worker Dask picked: decompose -> quantize -> evaluate (cache-keyed)."""
+    """One grid point on whichever worker Dask picked: decompose (-> refine) -> quantize -> evaluate
+    (cache-keyed)."""
     t0 = time.perf_counter()
     root = Path(runs_dir)
     recs = [_run_stage("decompose", cfgs["decompose"], {"model": base, "stats": stats}, root,
                        f"{name}/decompose")]
     model = recs[-1]["dir"]
+    if "refine" in cfgs:  # the preset (or an override) turned block-wise refinement of the factors on
+        recs.append(_run_stage("refine", cfgs["refine"], {"model": model}, root, f"{name}/refine"))
+        model = recs[-1]["dir"]
     if bits is not None:
         recs.append(_run_stage("quantize", cfgs[f"quantize{bits}"], {"model": model}, root, f"{name}/quantize{bits}"))
         model = recs[-1]["dir"]

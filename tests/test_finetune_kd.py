@@ -183,11 +183,33 @@ def test_blockwise_refinement_lowers_each_layer_error_and_the_heldout_kl(kd_setu
             idx, logp = teacher_topk(t(input_ids=ids).logits, k=128)
             return float(topk_kl(s(input_ids=ids).logits, idx, logp).mean())
 
-    report = blockwise_to_dir(str(student), tmp_path / "refined", BlockwiseConfig(budget_minutes=0.02, lr=3e-3),
-                              n_seqs=16, seq_len=32, data=str(code), progress=False)
+    cfg = BlockwiseConfig(budget_minutes=0.02, lr=3e-3, n_seqs=16, seq_len=32, data=str(code))
+    report = blockwise_to_dir(str(student), cfg, tmp_path / "refined", progress=False)
     assert report["layers"] and all(r["rel_err_after"] < r["rel_err_before"] for r in report["layers"])
+    assert report["rel_err_after_mean"] < report["rel_err_before_mean"] and report["teacher"] == str(teacher)
     # the budget covers the captures and layer forwards too: the run ends near it, not budget + overhead
     assert report["budget_seconds"] <= report["budget_seconds_allowed"] + 0.5
     meta = json.loads((tmp_path / "refined" / "lord_artifact.json").read_text())
     assert meta["kind"] == "lord" and meta["source"] == str(teacher) and meta["refined"]["method"] == "blockwise"
     assert kl_to_teacher(str(tmp_path / "refined")) < kl_to_teacher(str(student))
+
+
+def test_refine_stage_switches_and_config_errors():
+    """The optional refine stage sits between decompose and quantize, needs decompose, and its config rejects
+    bad values before any compute."""
+    from finetune import BlockwiseConfig, FinetuneError
+    from flows import FlowError
+    from flows.presets import resolve_spec
+    from flows.stages import build_config
+
+    spec = resolve_spec("smoke", stages={"refine": True})
+    assert spec.enabled.index("decompose") + 1 == spec.enabled.index("refine") < spec.enabled.index("quantize")
+    assert spec.stage_kwargs["refine"]["budget_minutes"] > 0
+    assert "refine" not in resolve_spec("smoke").enabled  # optional: off unless asked or the preset enables it
+    with pytest.raises(FlowError, match="refine=True with decompose=False"):
+        resolve_spec("smoke", stages={"refine": True, "decompose": False})
+    for bad in ({"budget_minutes": 0}, {"n_seqs": 0}, {"seq_len": 8}, {"budget_clock": "cpu"}):
+        with pytest.raises(FinetuneError):
+            BlockwiseConfig(**bad)
+    with pytest.raises(FlowError, match="valid fields of BlockwiseConfig"):
+        build_config("refine", {"budget": 5})

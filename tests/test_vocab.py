@@ -266,18 +266,23 @@ def test_flow_with_vocab_stage_feeds_lord(tied_dir, corpus, tmp_path):
     (tmp_path / "mlflow").mkdir()
     with shared_prefect_harness(), temp_mlflow_store(tmp_path / "mlflow"):
         res = lord_pipeline(
-            preset="smoke", model=str(tied_dir), vocab=True, reduction=0.02, quantize=False,
+            preset="smoke", model=str(tied_dir), vocab=True, reduction=0.02, refine=True, quantize=False,
             overrides={"vocab": {"keep": KEEP, "corpus": str(corpus)}, "calibrate": {"n_seqs": 6, "seq_len": 32},
+                       "refine": {"budget_minutes": 0.01, "n_seqs": 4, "seq_len": 32, "data": str(corpus)},
                        "finetune": {"steps": 1, "kd_n_seqs": 3, "max_seq_len": 32, "n_eval": 1, "eval_every": 1,
                                     "data": str(corpus), "kd_cache_dir": str(tmp_path / "kd")},
                        "evaluate": {"seq_len": 32, "n_windows": 2, "humaneval_problems": 0,
                                     "allow_execution": False}},
             runs_dir=str(tmp_path / "runs"), experiment="test-vocab")
     assert [s["label"] for s in res["stages"]] == ["evaluate[dense]", "vocab", "evaluate[vocab]", "calibrate",
-                                                   "decompose", "evaluate[vocab+lord]", "finetune",
-                                                   "evaluate[vocab+lord+qlora]"]
-    # distillation's teacher is the trimmed model (the student's tokenizer), not the original vocabulary
-    ft = json.loads((Path(res["stages"][6]["dir"]) / "metrics.json").read_text())
+                                                   "decompose", "evaluate[vocab+lord]", "refine",
+                                                   "evaluate[vocab+lord+refine]", "finetune",
+                                                   "evaluate[vocab+lord+refine+qlora]"]
+    # block-wise refinement and distillation both learn from the trimmed model (the student's tokenizer), not the
+    # original vocabulary; the refined factors keep the LoRD checkpoint's kind, shapes and source
+    refined = json.loads((Path(res["stages"][6]["dir"]) / "lord_artifact.json").read_text())
+    assert refined["refined"]["teacher"] == refined["source"] == res["stages"][1]["dir"]
+    ft = json.loads((Path(res["stages"][8]["dir"]) / "metrics.json").read_text())
     assert json.dumps(ft).count(res["stages"][1]["dir"]) >= 1
     stats_dir = Path(res["stages"][3]["dir"])
     assert json.loads((stats_dir / "metrics.json").read_text())["n_tokens"] == 6 * 32
@@ -286,6 +291,7 @@ def test_flow_with_vocab_stage_feeds_lord(tied_dir, corpus, tmp_path):
     rows = {r["variant"]: r for r in res["rows"]}
     assert rows["vocab"]["n_params"] < rows["dense"]["n_params"]
     assert rows["vocab+lord"]["n_params"] < rows["vocab"]["n_params"]
+    assert rows["vocab+lord+refine"]["n_params"] == rows["vocab+lord"]["n_params"]
 
 
 @pytest.mark.slow
