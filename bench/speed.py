@@ -35,6 +35,7 @@ from common import RESULTS, merge_records  # noqa: I001  (bench/ is on sys.path)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 from transformers import DynamicCache  # noqa: E402
 
+from flows.presets import PRESETS  # noqa: E402
 from lord.model_ops import linear_params  # noqa: E402
 from lord.modules import factored_modules  # noqa: E402
 from lord.plans import rank_plan  # noqa: E402
@@ -46,7 +47,9 @@ from sources import load_model  # noqa: E402
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
 RANK_REDUCTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)  # the paper's axis: every group at r = (1 - rho) min(m, n)
 LINEAR_REDUCTIONS = (0.2,)  # the target point: uniform plan at -20% of the linear parameters
-PRESET_REDUCTION = 0.1  # the default preset: -10% of all parameters (uniform plan)
+# the default preset's LoRD share of all parameters (uniform plan). The preset applies it to the vocabulary-trimmed
+# model (2.5% of 416.6M on the 0.5B), here to the untrimmed one (2.5% of 494.0M): slightly lower ranks, same groups
+PRESET_REDUCTION = PRESETS["default"]["decompose"]["reduction"]
 DECODE_PROMPT = 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -283,7 +286,7 @@ def main() -> None:
     ap.add_argument("--linear-reductions", nargs="*", type=float, default=list(LINEAR_REDUCTIONS))
     ap.add_argument("--rank-multiple", type=int, default=1, help="also time the target points with every rank rounded down to this multiple")
     ap.add_argument("--preset", action=argparse.BooleanOptionalAction, default=True,
-                    help=f"time the default preset's point (-{PRESET_REDUCTION:.0%} of all parameters, uniform)")
+                    help=f"time the default preset's LoRD point ({PRESET_REDUCTION:g} of all parameters, uniform)")
     ap.add_argument("--prefill-lengths", nargs="*", type=int, default=[512, 1024])
     ap.add_argument("--prefill-lengths-bf16", nargs="*", type=int, default=[512, 1024])
     ap.add_argument("--decode-steps", type=int, default=16)
@@ -306,8 +309,8 @@ def main() -> None:
         "factors": "random subspace (down = random orthonormal rows, up = W down^T): LoRD's shapes, hence its time",
         "plans": "rank_reduction=rho: uniform r = round((1 - rho) min(m, n)), groups not below parity stay dense "
                  "(the paper's axis); linear_reduction=p: uniform parity-fraction plan removing p of the linear "
-                 f"(factorable) parameters; preset_reduction={PRESET_REDUCTION}: the default preset's share of all "
-                 "parameters, uniform plan",
+                 f"(factorable) parameters; preset_reduction={PRESET_REDUCTION}: the default preset's LoRD share of all "
+                 "parameters (of the vocabulary-trimmed model there), uniform plan",
         "rank_multiple": args.rank_multiple,
         "prefill": "[1, L] prompt into a fresh DynamicCache, logits_to_keep=1 (as generate), ms",
         "decode": f"[B, {DECODE_PROMPT}] prompt prefilled untimed, then {args.decode_steps} single-token steps "

@@ -20,11 +20,12 @@ from bench.harness import shared_prefect_harness, temp_mlflow_store  # noqa: E40
 
 MODEL = "smollm2-135m"
 GRID = {"reductions": [0.05, 0.1], "plans": ["uniform"], "bits": [0, 4, 8]}
-# Small settings so both runs fit a ~12 min heavy budget on 2 cores; RTN keeps quantization cheap (GPTQ's cost is
-# its calibration forwards, measured in bench/quant.py), HumanEval off (pass@1 on 2 problems says nothing).
+# Small settings so both runs fit a ~15 min heavy budget on 2 cores, HumanEval off (pass@1 on 2 problems says
+# nothing). GPTQ with a small calibration, not RTN: round-to-nearest 4-bit of LoRD factors measured ppl 10.65 ->
+# 285 (r0.05) and 217 (r0.1) on SmolLM2 (sweep of 2026-11-30), a Pareto plot of nothing.
 OVERRIDES = {
     "calibrate": {"n_seqs": 16, "seq_len": 128},
-    "quantize": {"method": "rtn", "group_size": 64},
+    "quantize": {"method": "gptq", "group_size": 64, "n_seqs": 8, "seq_len": 128},
     "evaluate": {"seq_len": 256, "n_windows": 4, "humaneval_problems": 0, "allow_execution": False},
 }
 
@@ -74,7 +75,12 @@ def main() -> None:
             records.append({"model": MODEL, "method": "point", **{k: row.get(k) for k in (
                 "variant", "reduction", "plan", "bits", "n_params", "size_mb", "ppl", "ppl_increase",
                 "param_reduction", "pareto_size_ppl", "seconds")}})
-        same = all(abs(a["ppl"] - b["ppl"]) <= 1e-6 * a["ppl"] for a, b in zip(par["rows"], ser["rows"], strict=True))
+        # the same configs give the same artifacts up to float summation order (1 torch thread per Dask worker vs
+        # 2 in the serial flow): the worst relative ppl difference between the modes says how close
+        diffs = [abs(a["ppl"] - b["ppl"]) / b["ppl"] for a, b in zip(par["rows"], ser["rows"], strict=True)
+                 if a["variant"] == b["variant"] and isinstance(a.get("ppl"), float) and isinstance(b.get("ppl"), float)]
+        same = len(diffs) == len(par["rows"]) and max(diffs) <= 1e-6
+        ratio["max_rel_ppl_diff_between_modes"] = max(diffs) if diffs else None
         plots = sorted((work / "runs-2" / ".plots").rglob("pareto_size_vs_ppl.png"))
         if plots:
             shutil.copy(plots[0], ROOT / "bench" / "results" / f"sweep_pareto_size_ppl_{MODEL}.png")
@@ -84,7 +90,7 @@ def main() -> None:
         "dask": "prefect-dask DaskTaskRunner on distributed.LocalCluster, 2 worker processes x 1 thread",
         "serial": "the same flow with n_workers=0: points one after another in the flow process, 2 torch threads",
         "fresh_cache": "each mode in its own runs dir: every stage computed in both",
-        "same_ppl_both_modes": same,
+        "same_ppl_both_modes": same, "same_ppl_tolerance": "relative 1e-6",
     }, records)
 
 
