@@ -4,6 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PRESET  ?= default
+ARGS    ?=
 export OMP_NUM_THREADS ?= 2
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
@@ -26,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: install
-	$(BIN)/lord run --preset $(PRESET)
+	$(BIN)/lord run --preset $(PRESET) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -21,17 +21,18 @@ from common import RESULTS, write_results  # noqa: I001  (bench/ is on sys.path)
 BUDGET_SECONDS = {"smoke": 10 * 60, "default": 20 * 60}  # issue 7: make run <= 20 min on 2 cores
 
 
-def parent_summary(db: Path, experiment: str) -> tuple[str, dict]:
-    """The newest parent run of ``experiment`` in the sqlite store and its logged ``summary.json``."""
+def parent_summary(db: Path, experiment: str, run_id: str | None = None) -> tuple[str, dict]:
+    """The newest finished parent run of ``experiment`` in the sqlite store (or ``run_id``) and its logged
+    ``summary.json``."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], "tags.lord.preset != ''", order_by=["start_time DESC"],
-                              max_results=1)
-    run = runs[0]
-    path = client.download_artifacts(run.info.run_id, "summary.json")
-    return run.info.run_id, json.loads(Path(path).read_text())
+    if run_id is None:
+        exp = client.get_experiment_by_name(experiment)
+        run_id = client.search_runs([exp.experiment_id], "tags.lord.preset != '' and attributes.status = 'FINISHED'",
+                                    order_by=["start_time DESC"], max_results=1)[0].info.run_id
+    path = client.download_artifacts(run_id, "summary.json")
+    return run_id, json.loads(Path(path).read_text())
 
 
 def main() -> None:

@@ -186,7 +186,8 @@ class _Runner:
         metrics["stages_computed"] = float(sum(not r["cached"] and not r["reused"] for r in self.records))
         metrics["stages_cached"] = float(sum(r["cached"] or r["reused"] for r in self.records))
         self.tracker.log_parent_metrics(metrics)
-        self.tracker.log_parent_json("summary.json", {"rows": rows, "stages": self.records})
+        self.tracker.log_parent_json("summary.json", {"model": self.spec.model, "preset": self.spec.preset,
+                                                      "rows": rows, "stages": self.records})
         for png in write_plots(rows, self.records, self.runs_dir / ".plots" / self.tracker.parent_id):
             self.tracker.log_parent_file(png, "plots")
         if rows:
