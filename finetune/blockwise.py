@@ -7,7 +7,9 @@ sequential decomposition). No LM head (a third of the 0.5B's forward), no backwa
 per CPU second a layer sees tens of times more tokens than end-to-end training. The budget covers the whole
 stage (the captures and the teacher/student layer forwards too, not only the optimizer steps): factored layer j of
 n trains until the clock reaches ``(j + 1) / n`` of it, so forward overhead shortens training instead of
-overrunning the budget. Uses the forward toolkit's capture / run_layer (``forward.capture``).
+overrunning the budget. A layer whose output error on the probe batches did not fall keeps its starting factors,
+so a short or noisy run cannot make a layer worse on those batches. Uses the forward toolkit's capture /
+run_layer (``forward.capture``).
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ def blockwise_distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor,
         if params:
             k = cfg.probe_batches  # the error is a diagnostic: measured on a few batches, not a third full pass
             before = _mse(s_layers[i], s_stream.hidden[:k], s_stream.calls[:k], targets[:k])
+            start = [p.detach().clone() for p in params]
             for p in params:
                 p.requires_grad_(True)
             opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -121,7 +124,13 @@ def blockwise_distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor,
             for p in params:
                 p.requires_grad_(False)
             after = _mse(s_layers[i], s_stream.hidden[:k], s_stream.calls[:k], targets[:k])
-            layers_report.append({"layer": i, "rel_err_before": before, "rel_err_after": after, "steps": steps})
+            reverted = not after < before  # a few noisy steps can hurt (lr 4e-4 measured ppl x1.5): keep the start
+            if reverted:
+                with torch.no_grad():
+                    for p, p0 in zip(params, start, strict=True):
+                        p.copy_(p0)
+            layers_report.append({"layer": i, "rel_err_before": before, "rel_err_after": min(after, before),
+                                  "rel_err_trained": after, "steps": steps, "reverted": reverted})
         t_stream.hidden = targets
         with torch.no_grad():
             s_stream.advance(s_layers[i])
@@ -157,7 +166,8 @@ def blockwise_to_dir(model: str, cfg: BlockwiseConfig, out_dir: Any, progress: b
     layers = report["layers"]
     report.update({"teacher": teacher, "rel_err_before_mean": sum(r["rel_err_before"] for r in layers) / len(layers),
                    "rel_err_after_mean": sum(r["rel_err_after"] for r in layers) / len(layers),
-                   "steps_total": sum(r["steps"] for r in layers)})
+                   "steps_total": sum(r["steps"] for r in layers),
+                   "layers_reverted": sum(r["reverted"] for r in layers)})
     del dense
     with atomic_dir(Path(out_dir)) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)

@@ -18,8 +18,12 @@ STAGES = ("vocab", "calibrate", "decompose", "refine", "quantize", "finetune", "
 # (vocab/), with these defaults when the preset says nothing: on the 0.5B keep=65536 removed 15.7% of all parameters at -0.08% held-out
 # bits/byte, keep=32768 21.6% at +0.57% (bench/results/vocab.json).
 # refine: block-wise distillation of the float LoRD factors against the layers they replace (finetune.blockwise),
-# before GPTQ, so quantization starts from the better factors; the budget covers the whole stage.
-OPTIONAL_STAGES: dict[str, dict[str, Any]] = {"vocab": {"keep": 65536}, "refine": {"budget_minutes": 5.0}}
+# before GPTQ, so quantization starts from the better factors. The budget covers the whole stage, and on the 0.5B
+# the layer forwards alone take ~8 min for 64 x 256 windows: a 5-min budget left ~1 Adam step a layer (8.382 ->
+# 8.394, bench/results/refine.json), 12 min on 32 x 256 windows took LoRD -10% from 10.73 to 9.97
+# (bench/results/recovery.json): those are the defaults, off unless asked (lord run --refine).
+OPTIONAL_STAGES: dict[str, dict[str, Any]] = {"vocab": {"keep": 65536},
+                                              "refine": {"budget_minutes": 12.0, "n_seqs": 32}}
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 # Sizes: smoke finishes in a few minutes on smollm2-135m; default finishes `make run` in <= 20 min on 2 cores

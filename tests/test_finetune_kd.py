@@ -213,3 +213,21 @@ def test_refine_stage_switches_and_config_errors():
             BlockwiseConfig(**bad)
     with pytest.raises(FlowError, match="valid fields of BlockwiseConfig"):
         build_config("refine", {"budget": 5})
+
+
+def test_blockwise_keeps_a_layers_start_when_training_made_it_worse(kd_setup, tmp_path):
+    """A diverging run (absurd lr) must not leave worse factors behind: every layer whose probe error rose is
+    reverted to its starting factors, so the refined checkpoint equals the input one."""
+    from safetensors.torch import load_file
+
+    from finetune.blockwise import BlockwiseConfig, blockwise_to_dir
+
+    _, student, code = kd_setup
+    cfg = BlockwiseConfig(budget_minutes=0.01, lr=50.0, min_steps=3, n_seqs=8, seq_len=32, data=str(code))
+    report = blockwise_to_dir(str(student), cfg, tmp_path / "refined", progress=False)
+    assert report["layers_reverted"] == len(report["layers"]) > 0
+    # worse, or not finite at all (lr 50 can overflow): either way the start is kept
+    assert all(not r["rel_err_trained"] < r["rel_err_before"] == r["rel_err_after"] for r in report["layers"])
+    before = {k: v for f in sorted(Path(student).glob("*.safetensors")) for k, v in load_file(f).items()}
+    after = {k: v for f in sorted((tmp_path / "refined").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
