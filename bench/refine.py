@@ -60,7 +60,9 @@ def main() -> None:
         records.append(rec)
         write_results("refine", {"lord": args.lord, "teacher": teacher, "budget_minutes": args.budget_minutes,
                                  "budget_clock": "process (CPU seconds / threads)", "n_seqs": args.n_seqs,
-                                 "seq_len": 256, "heldout": "stdlib held-out split", **PPL.to_dict()}, records)
+                                 "seq_len": 256, "heldout": "stdlib held-out split", "ppl": PPL.to_dict(),
+                                 "arms": "LR:WINDOWS_PER_STEP, Adam on the factors, each from the same checkpoint"},
+                      records)
 
 
 if __name__ == "__main__":
