@@ -30,7 +30,7 @@ def records_of(summary: dict, plan: str, skip: set[str], model: str) -> list[dic
         metrics_file = Path(evals[row["variant"]]["dir"]) / "metrics.json"
         m = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         out.append({"model": summary.get("model") or model, "stage": row["variant"],
-                    "plan": "dense" if row["variant"] == "dense" else plan,
+                    "plan": "dense" if row["variant"] == "dense" else plan if "lord" in row["variant"] else "none",
                     "param_reduction": round(row.get("param_reduction") or 0.0, 4), "linear_param_reduction": None,
                     "params": row.get("n_params"), "ppl": row["ppl"], "ppl_dense": dense["ppl"],
                     "ppl_increase": row.get("ppl_increase"), "pass_at_1": row.get("pass_at_1"),
