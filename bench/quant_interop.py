@@ -127,22 +127,33 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help=f"a model spec, or {TINY} for a light run")
     ap.add_argument("--real", action="store_true", help="the REAL_CASES (dense, LoRD, mixed-width LoRD) on "
                     "--model, GPTQModel only; records of other models already in the results file are kept")
+    ap.add_argument("--cases", nargs="*", help="a subset of the cases (default: all of CASES or REAL_CASES)")
+    ap.add_argument("--tokens", type=int, default=None, help="held-out tokens per logits comparison (default 2 x "
+                    "256; --real: 1 x 64, since GPTQModel's CPU kernel runs in bf16, ~30x slower than float32 on a "
+                    "CPU without native bf16)")
     args = ap.parse_args()
     model_spec = args.model
+    n_tok = args.tokens or (64 if args.real else 512)
+    shape = (max(1, n_tok // 256), min(n_tok, 256))
     torch.manual_seed(0)
     split = code_split()
     records = []
     work = Path(tempfile.mkdtemp(prefix="quant-interop-"))
+    chosen = REAL_CASES if args.real else CASES
+    unknown = set(args.cases or ()) - set(chosen)
+    if unknown:
+        raise SystemExit(f"unknown cases {sorted(unknown)}; expected some of {sorted(chosen)}")
+    chosen = {c: v for c, v in chosen.items() if not args.cases or c in args.cases}
     cases = ({c: (lord_base(model_spec, work) if factored else model_spec, cfg)
-              for c, (factored, cfg) in REAL_CASES.items()} if args.real
-             else {c: (model_spec, cfg) for c, cfg in CASES.items()})
+              for c, (factored, cfg) in chosen.items()} if args.real
+             else {c: (model_spec, cfg) for c, cfg in chosen.items()})
     loaders = (("gptqmodel", load_gptqmodel),) if args.real else (("gptqmodel", load_gptqmodel),
                                                                    ("transformers", load_transformers))
     for case, (source, cfg) in cases.items():
         out = work / case
         build_checkpoint(source, cfg, out)
         ours, tok = load_quantized(out)
-        ids = token_stream(tok, split.heldout, max_tokens=2 * 256).view(2, 256)
+        ids = token_stream(tok, split.heldout, max_tokens=shape[0] * shape[1]).view(*shape)
         ref32 = logits_of(ours, ids)
         qlins = {n: m for n, m in ours.named_modules() if isinstance(m, QuantLinear)}
         ours16, _ = load_quantized(out, dtype=torch.bfloat16)
@@ -169,7 +180,7 @@ def main() -> None:
             records.append(rec)
             theirs = None
     protocol = {
-        "model": model_spec, "tokens": "2 x 256 held-out tokens",
+        "model": model_spec, "tokens": f"{shape[0]} x {shape[1]} held-out tokens",
         "ours": "quant.load_quantized in bfloat16 (and float32 for the noise floor)",
         "gptqmodel": f"gptqmodel {gptqmodel.__version__}, BACKEND.TORCH, cpu, bfloat16",
         "transformers": "AutoModelForCausalLM.from_pretrained (GPTQ via gptqmodel + optimum), bfloat16",
@@ -185,7 +196,8 @@ def main() -> None:
         protocol = {**old["protocol"], f"real_{model_spec}": {
             "cases": {c: {"factored": f, **cfg.to_dict()} for c, (f, cfg) in REAL_CASES.items()},
             "lord": "uniform plan, -10% params, 16 x 256 calibration tokens", "loaders": "gptqmodel only",
-            "tokens": "2 x 256 held-out tokens"}}
+            "tokens": f"{shape[0]} x {shape[1]} held-out tokens (bf16 forwards on a CPU without native bf16)",
+            "cases_run": sorted(cases)}}
     write_results("quant_interop", protocol, records)
 
 
