@@ -29,8 +29,12 @@ def parent_summary(db: Path, experiment: str, run_id: str | None = None) -> tupl
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     if run_id is None:
         exp = client.get_experiment_by_name(experiment)
-        run_id = client.search_runs([exp.experiment_id], "tags.lord.preset != '' and attributes.status = 'FINISHED'",
-                                    order_by=["start_time DESC"], max_results=1)[0].info.run_id
+        runs = [] if exp is None else client.search_runs(
+            [exp.experiment_id], "tags.lord.preset != '' and attributes.status = 'FINISHED'",
+            order_by=["start_time DESC"], max_results=1)
+        if not runs:
+            raise SystemExit(f"{db}: no finished {experiment!r} run; run `lord run` first or pass its run id.")
+        run_id = runs[0].info.run_id
     path = client.download_artifacts(run_id, "summary.json")
     return run_id, json.loads(Path(path).read_text())
 

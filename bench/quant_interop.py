@@ -134,6 +134,8 @@ def main() -> None:
     args = ap.parse_args()
     model_spec = args.model
     n_tok = args.tokens or (64 if args.real else 512)
+    if n_tok < 16 or (n_tok > 256 and n_tok % 256):
+        raise SystemExit(f"--tokens {n_tok}: expected 16..256, or a multiple of 256 (rows of 256 tokens)")
     shape = (max(1, n_tok // 256), min(n_tok, 256))
     torch.manual_seed(0)
     split = code_split()

@@ -17,7 +17,7 @@ from .stage import finetune_to_dir
 from .train import TrainResult, train
 
 __all__ = [
-    "DEFAULT_TARGETS", "BlockwiseConfig", "blockwise_to_dir", "FinetuneConfig", "FinetuneError", "TrainResult", "attach_lora", "finetune_in_subprocess",
-    "finetune_to_dir", "load_base", "load_finetuned", "load_instructions", "run_finetune", "target_module_names",
+    "DEFAULT_TARGETS", "BlockwiseConfig", "FinetuneConfig", "FinetuneError", "TrainResult", "attach_lora",
+    "blockwise_to_dir", "finetune_in_subprocess", "finetune_to_dir", "load_base", "load_finetuned", "load_instructions", "run_finetune", "target_module_names",
     "train", "validate_jsonl",
 ]

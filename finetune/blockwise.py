@@ -129,7 +129,7 @@ def blockwise_distill(student: nn.Module, teacher: nn.Module, ids: torch.Tensor,
                 with torch.no_grad():
                     for p, p0 in zip(params, start, strict=True):
                         p.copy_(p0)
-            layers_report.append({"layer": i, "rel_err_before": before, "rel_err_after": min(after, before),
+            layers_report.append({"layer": i, "rel_err_before": before, "rel_err_after": before if reverted else after,
                                   "rel_err_trained": after, "steps": steps, "reverted": reverted})
         t_stream.hidden = targets
         with torch.no_grad():
