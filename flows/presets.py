@@ -59,7 +59,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vocab": {"keep": 65536},
         # uniform: on the 0.5B the search plan picks uniform anyway (bench/results/lord_plans.json) after 4-5 min
         # of loss evaluations, and plans that leave kinds dense or follow the spectrum lose (quality.json)
-        "decompose": {"method": "lord", "plan": "uniform", "reduction": 0.025},
+        # skip_slow: at 2.5% the uniform plan puts all 48 attention groups near parity, where they save ~no
+        # parameters and run slower than dense; left dense, the MLPs take the cut: ppl 8.403 vs 8.382, no slow
+        # group (bench/results/lord_speed_plan.json)
+        "decompose": {"method": "lord", "plan": "uniform", "reduction": 0.025, "skip_slow": True},
         "quantize": {"group_size": 128, "n_seqs": 16, "seq_len": 256},
         # recovery = distillation from the dense teacher (finetune.kd), bounded by time
         "finetune": {"objective": "kd", "budget_minutes": 2.0, "steps": None, "kd_n_seqs": 24, "n_eval": 4,

@@ -36,6 +36,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      help="sequential: layer by layer, each group fitted on the compressed model's inputs "
                           "toward the dense output (error compensation)")
     dec.add_argument("--sequential-mode", choices=("compensate", "stats"), default="compensate")
+    dec.add_argument("--skip-slow", action="store_true",
+                     help="leave dense the groups that would save parameters but not time (near parity) and "
+                          "re-plan the cut over the rest")
     dec.set_defaults(func=_decompose)
 
 
@@ -67,7 +70,7 @@ def _decompose(a: argparse.Namespace) -> dict:
     cfg = DecomposeConfig(method=a.method, plan=a.plan, reduction=None if a.rank_reduction else a.reduction,
                           rank_reduction=a.rank_reduction, targets=tuple(a.targets), ignore=tuple(a.ignore),
                           damping=a.damping, sensitivity=a.sensitivity, calibration=a.calibration,
-                          sequential_mode=a.sequential_mode)
+                          sequential_mode=a.sequential_mode, skip_slow=a.skip_slow)
     stats = a.stats
     if stats is None:
         stats = a.out.with_name(a.out.name + ".stats")

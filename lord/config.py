@@ -79,6 +79,9 @@ class DecomposeConfig:
     calibration: str = "parallel"
     sequential_mode: str = "compensate"
     corpus: str | None = None  # code corpus of the plan's loss batches (as CalibConfig.corpus)
+    # leave dense every group the plan would put where it saves parameters but not time (near its parity rank,
+    # lord/speed.py) and re-plan the cut over the rest (lord.plans.plan_fast_groups); off = the paper's plans
+    skip_slow: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -106,6 +109,8 @@ class DecomposeConfig:
         if not 0 < self.probe_fraction <= 1:
             raise LordError(f"probe_fraction must be in (0, 1] (of each group's largest factored rank), got "
                             f"{self.probe_fraction}")
+        if not isinstance(self.skip_slow, bool):
+            raise LordError(f"skip_slow must be true or false, got {self.skip_slow!r}")
         _check_patterns(self.targets, self.ignore)
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from lord.config import DecomposeConfig
 from lord.decompose import Factorization, factorize
 from lord.errors import LordError
-from lord.plans import PlanContext, PlanReport, get_plan
+from lord.plans import PlanContext, PlanReport, get_plan, plan_fast_groups
 from lord.ranks import plan_summary
 from lord.sequential import sequential_decompose
 from lord.speed import is_slow, modelled_time_ratio
@@ -110,10 +110,11 @@ def decompose_model(model: nn.Module, stats: Mapping[str, GroupStats], cfg: Deco
     linear_total = linear_params(model)
     facts = factorize_groups(model, groups, stats, (cfg.method,), cfg.damping, progress)[cfg.method]
     curves = {name: f.error_curve() for name, f in facts.items()}
-    planned = get_plan(cfg.plan).plan(PlanContext(
-        groups, total, cfg.reduction, cfg.rank_reduction, curves, model=model, facts=facts,
-        sensitivity_ids=sensitivity_ids, validation_ids=validation_ids, sensitivity=cfg.sensitivity,
-        probe_fraction=cfg.probe_fraction, progress=progress))
+    ctx = PlanContext(groups, total, cfg.reduction, cfg.rank_reduction, curves, model=model, facts=facts,
+                      sensitivity_ids=sensitivity_ids, validation_ids=validation_ids, sensitivity=cfg.sensitivity,
+                      probe_fraction=cfg.probe_fraction, progress=progress)
+    strategy = get_plan(cfg.plan)
+    planned = plan_fast_groups(strategy, ctx) if cfg.skip_slow else strategy.plan(ctx)
     ranks = planned.ranks
     seq = None
     if cfg.calibration == "sequential":
