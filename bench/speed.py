@@ -275,7 +275,7 @@ def log_mlflow(path_json: Path, png: Path, records: list[dict], uri: str) -> Non
     mlflow.set_experiment("lord-bench")
     with mlflow.start_run(run_name="speed"):
         for r in records:
-            prefix = f"{r['model']}/{r['dtype']}/{r['plan']}".replace("=", "_")
+            prefix = f"{r['model']}/{r['dtype']}/{r['plan']}".replace("=", "_").replace(",", ":")
             mlflow.log_metrics({f"{prefix}/{k}": float(v) for k, v in r.items()
                                 if isinstance(v, int | float) and not isinstance(v, bool)})
         mlflow.log_artifact(str(path_json))

@@ -32,6 +32,7 @@ def main() -> None:
     import lord
     from evaluation.perplexity import PerplexityConfig, perplexity
     from flows.presets import PRESETS
+    from lord.model_ops import linear_params
     from lord.plans import rank_plan
     from lord.speed import is_slow
     from lord.stages import STATS_FILE
@@ -53,7 +54,7 @@ def main() -> None:
     stats, _ = load_stats(stats_file, [g.name for g in groups])
     facts = lord.factorize_groups(model, groups, stats, ("lord",))["lord"]
     del stats
-    total, lin = lord.count_params(model), lord.linear_params(model)
+    total, lin = lord.count_params(model), linear_params(model)
     kinds = sorted({g.kind for g in groups})
     cfg = PerplexityConfig(seq_len=preset["evaluate"]["seq_len"], n_windows=args.n_windows, batch_size=4)
     files = code_split().heldout

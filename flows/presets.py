@@ -61,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # of loss evaluations, and plans that leave kinds dense or follow the spectrum lose (quality.json)
         # skip_slow: at 2.5% the uniform plan puts all 48 attention groups near parity, where they save ~no
         # parameters and run slower than dense; left dense, the MLPs take the cut: ppl 8.403 vs 8.382, no slow
-        # group (bench/results/lord_speed_plan.json)
+        # group (bench/results/speed_plan.json)
         "decompose": {"method": "lord", "plan": "uniform", "reduction": 0.025, "skip_slow": True},
         "quantize": {"group_size": 128, "n_seqs": 16, "seq_len": 256},
         # recovery = distillation from the dense teacher (finetune.kd), bounded by time

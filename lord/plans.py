@@ -212,7 +212,7 @@ def plan_fast_groups(strategy: RankPlan, ctx: PlanContext) -> PlanReport:
     Why: near their parity rank a group's two matmuls read about the bytes of one and cost a call more, so it
     saves parameters but not time. On the vocabulary-trimmed 0.5B at the default preset's 2.5% the uniform plan
     puts all 48 attention groups there; leaving them dense and cutting the MLPs a little deeper gave held-out
-    ppl 8.403 vs 8.382 (bench/results/lord_speed_plan.json) with no slow group left. Cutting deeper never makes
+    ppl 8.403 vs 8.382 (bench/results/speed_plan.json) with no slow group left. Cutting deeper never makes
     a group slower, so each round only removes groups; the loop ends in at most ``len(groups)`` rounds."""
     t0 = time.perf_counter()
     active, sens = list(ctx.groups), None
