@@ -49,6 +49,22 @@ CASES = {
     "4bit_g128_actorder_asym": QuantConfig(bits=4, group_size=128, act_order=True, sym=False, n_seqs=8, seq_len=256),
     "8bit_perchannel": QuantConfig(bits=8, group_size=-1, n_seqs=8, seq_len=256),
 }
+# LoRD-factored tiny model (GPTQModel only, through quant/gptqmodel_lord.py): rank 100 (not a multiple of the
+# packing word or the group), layer 1 partly factored (q_proj and o_proj dense, k/v share their own down), and
+# per-factor widths (8-bit down, 4-bit up: GPTQModel's `dynamic` overrides)
+TINY_LORD_CASES = {
+    "lord_4bit_g128": QuantConfig(bits=4, group_size=128, n_seqs=8, seq_len=256),
+    "lord_down8_up4_g128": QuantConfig(bits=4, down_bits=8, group_size=128, n_seqs=8, seq_len=256),
+}
+TINY_RANK = 100
+
+
+def tiny_lord_groups() -> dict[str, dict]:
+    full = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "o": ["self_attn.o_proj"],
+            "gate_up": ["mlp.gate_proj", "mlp.up_proj"], "down": ["mlp.down_proj"]}
+    partial = {"kv": ["self_attn.k_proj", "self_attn.v_proj"], "gate_up": full["gate_up"], "down": full["down"]}
+    return {f"model.layers.{i}.{g}": {"members": [f"model.layers.{i}.{m}" for m in ms], "rank": TINY_RANK}
+            for i, plan in enumerate((full, partial)) for g, ms in plan.items()}
 
 
 def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -88,7 +104,9 @@ def load_transformers(path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.bfloat16).eval()
 
 
-def build_checkpoint(model: str, cfg: QuantConfig, out: Path) -> None:
+def build_checkpoint(model: str, cfg: QuantConfig, out: Path, factored: bool = False) -> None:
+    """Quantize ``model`` (a spec or a LoRD dir) into ``out``; TINY builds the random model (factored with
+    ``tiny_lord_groups`` if asked) in memory first."""
     if model != TINY:
         quantize_to_dir(model, cfg, out)
         return
@@ -103,6 +121,11 @@ def build_checkpoint(model: str, cfg: QuantConfig, out: Path) -> None:
     m = AutoModelForCausalLM.from_config(LlamaConfig(
         vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, tie_word_embeddings=True)).float().eval()
+    if factored:
+        from lord.modeling.modeling_lord import install_rank_map
+
+        install_rank_map(m, tiny_lord_groups())  # fresh nn.Linear init: random factors, like the dense weights
+        m.config.lord = {"groups": tiny_lord_groups()}
     ids = calibration_batches(tok, code_split().calibration, n_seqs=cfg.n_seqs, seq_len=cfg.seq_len)
     quantize_model(m, cfg, ids)
     with atomic_dir(out) as tmp:
@@ -176,7 +199,7 @@ def main() -> None:
         given = existing_cases(args.checkpoint)
         cases = {c: (None, cfg, factored, d) for c, (d, cfg, factored) in given.items()}
     else:
-        chosen = REAL_CASES if args.real else CASES
+        chosen = REAL_CASES if args.real else {**CASES, **(TINY_LORD_CASES if model_spec == TINY else {})}
         unknown = set(args.cases or ()) - set(chosen)
         if unknown:
             raise SystemExit(f"unknown cases {sorted(unknown)}; expected some of {sorted(chosen)}")
@@ -184,12 +207,12 @@ def main() -> None:
         # case -> (source to quantize, its config, factored, checkpoint dir)
         cases = ({c: (lord_base(model_spec, work) if factored else model_spec, cfg, factored, work / c)
                   for c, (factored, cfg) in chosen.items()} if args.real
-                 else {c: (model_spec, cfg, False, work / c) for c, cfg in chosen.items()})
+                 else {c: (model_spec, cfg, c in TINY_LORD_CASES, work / c) for c, cfg in chosen.items()})
     loaders = (("gptqmodel", load_gptqmodel),) if gptq_only else (("gptqmodel", load_gptqmodel),
                                                                   ("transformers", load_transformers))
     for case, (source, cfg, factored, out) in cases.items():
         if source is not None:
-            build_checkpoint(source, cfg, out)
+            build_checkpoint(source, cfg, out, factored and source == TINY)
         ours, tok = load_quantized(out)
         ids = token_stream(tok, split.heldout, max_tokens=shape[0] * shape[1]).view(*shape)
         ref32 = logits_of(ours, ids)
@@ -198,7 +221,7 @@ def main() -> None:
         ref = logits_of(ours16, ids)
         noise = rel(ref, ref32)
         del ours16
-        for loader_name, loader in loaders:
+        for loader_name, loader in loaders if not factored else loaders[:1]:  # transformers has no LoRD class
             rec = {"model": model_spec, "case": case, "loader": loader_name, "bits": cfg.bits,
                    "factored": factored, "down_bits": cfg.down_bits,
                    "group_size": cfg.group_size, "act_order": cfg.act_order, "sym": cfg.sym,
@@ -249,7 +272,12 @@ def main() -> None:
             "lord": "uniform plan, -10% params, 16 x 256 calibration tokens", "loaders": "gptqmodel only",
             "tokens": f"{shape[0]} x {shape[1]} held-out tokens (bf16 forwards on a CPU without native bf16)",
             "cases_run": sorted(cases)}}
-    write_results("quant_interop", protocol, records)
+        write_results("quant_interop", protocol, records)
+        return
+    # a light run replaces only its own model's cases (a --cases subset keeps the others)
+    merge_records("quant_interop", records, {**protocol, "tiny_lord_cases": (
+        f"tiny model factored at rank {TINY_RANK}: layer 0 q/k/v + o + gate/up + down, layer 1 k/v + gate/up + "
+        "down (q_proj, o_proj dense); GPTQModel only")}, key=("model", "case", "loader"))
 
 
 if __name__ == "__main__":
