@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from common import merge_records, write_results  # noqa: E402
+from common import merge_records  # noqa: E402
 
 from quant import QuantConfig, QuantLinear, load_quantized, quantize_to_dir  # noqa: E402
 from sources import code_split, token_stream  # noqa: E402
@@ -256,29 +256,27 @@ def main() -> None:
         "ok": "every quantized layer found, dequantized weights within 1% (bf16 scales), logits rel err "
               "< 3x our own bf16-vs-fp32 difference",
     }
-    if args.checkpoint:  # merged into the file beside every other record, keyed by model / case / loader
-        merge_records("quant_interop", records, {f"checkpoints_{model_spec}": {
+    # every run merges into the one results file: a record replaces the one of the same model / case / loader,
+    # the others (other models, cases not re-run) are kept, and each kind of run keeps its protocol entry
+    tokens_bf16 = f"{shape[0]} x {shape[1]} held-out tokens (bf16 forwards on a CPU without native bf16)"
+    if args.checkpoint:
+        protocol = {f"checkpoints_{model_spec}": {
             "cases": {c: {"factored": f, "checkpoint": str(d), **cfg.to_dict()} for c, (_, cfg, f, d) in cases.items()},
             "loaders": "gptqmodel only", "load_seconds": "the loader call, cold (includes kernel selection)",
-            "tokens": f"{shape[0]} x {shape[1]} held-out tokens (bf16 forwards on a CPU without native bf16)"}},
-            key=("model", "case", "loader"))
-        return
-    if args.real:  # keep the earlier (tiny/other-model) records and protocol beside the new ones
+            "tokens": tokens_bf16}}
+    elif args.real:
         path = Path(__file__).resolve().parent / "results" / "quant_interop.json"
-        old = json.loads(path.read_text()) if path.is_file() else {"records": [], "protocol": {}}
-        records = [r for r in old["records"] if r.get("model") != model_spec] + records
-        protocol = {**old["protocol"], f"real_{model_spec}": {
+        old = json.loads(path.read_text()).get("protocol", {}) if path.is_file() else {}
+        ran = set(old.get(f"real_{model_spec}", {}).get("cases_run", [])) | set(cases)
+        protocol = {f"real_{model_spec}": {
             "cases": {c: {"factored": f, **cfg.to_dict()} for c, (f, cfg) in REAL_CASES.items()},
             "lord": "uniform plan, -10% params, 16 x 256 calibration tokens", "loaders": "gptqmodel only",
-            "tokens": f"{shape[0]} x {shape[1]} held-out tokens (bf16 forwards on a CPU without native bf16)",
-            "cases_run": sorted(cases)}}
-        write_results("quant_interop", protocol, records)
-        return
-    # a light run replaces only its own model's cases (a --cases subset keeps the others)
-    merge_records("quant_interop", records, {**protocol, "tiny_lord_cases": (
-        f"tiny model factored at rank {TINY_RANK}: layer 0 q/k/v + o + gate/up + down, layer 1 k/v + gate/up + "
-        "down (q_proj, o_proj dense); GPTQModel only")}, key=("model", "case", "loader"))
-
+            "tokens": tokens_bf16, "cases_run": sorted(ran)}}
+    else:
+        protocol["tiny_lord_cases"] = (
+            f"tiny model factored at rank {TINY_RANK}: layer 0 q/k/v + o + gate/up + down, layer 1 k/v + gate/up + "
+            "down (q_proj, o_proj dense); GPTQModel only")
+    merge_records("quant_interop", records, protocol, key=("model", "case", "loader"))
 
 if __name__ == "__main__":
     main()
