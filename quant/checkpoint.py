@@ -4,8 +4,9 @@ Dense models: ``model.safetensors`` holds ``<module>.qweight/qzeros/scales/g_idx
 linear and float16 tensors for the rest; ``quantize_config.json`` and ``config.json["quantization_config"]``
 describe it as AutoGPTQ / GPTQModel / transformers+optimum expect (``checkpoint_format: gptq``). Factored
 (LoRD) models carry the same tensors per factor (``q_proj.down.qweight``, ...) plus the ``lord`` rank map in
-config.json; only our loader rebuilds those. Factors at another width than ``bits`` (``down_bits``) are
-listed in ``quantization_config["dynamic"]`` the way GPTQModel records per-module overrides.
+config.json; our loader rebuilds those, and so does GPTQModel through quant/gptqmodel_lord.py. Factors at
+another width than ``bits`` (``down_bits``) are listed in ``quantization_config["dynamic"]`` the way GPTQModel
+records per-module overrides.
 ``quant_layout.json`` lists every quantized module so our loader restores any of them, outliers included,
 without guessing from tensor names.
 """

@@ -5,7 +5,9 @@ Values are written as one little-endian bit stream into int32 words: for 2/4/8 b
 3-bit packer does (32 values -> 3 words). ``qweight`` packs along the input dim ``[in, out] -> [in*bits/32,
 out]``; ``qzeros`` packs along the output dim ``[groups, out] -> [groups, out*bits/32]`` and stores
 ``zero - 1`` (the v1 convention that loaders undo). A dimension that does not fill whole words is
-zero-padded (only our own loader reads such layers, e.g. LoRD factors of odd rank).
+zero-padded (LoRD factors of odd rank). For 2/4/8 bits GPTQModel sizes its buffers with the same ceiling, so
+it reads them (quant/gptqmodel_lord.py); for 3 bits it expects ceil(n*3/32) words, not whole 3-word units, so a
+3-bit factor whose rank is not a multiple of 32 loads only in ours.
 """
 
 from __future__ import annotations

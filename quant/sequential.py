@@ -163,7 +163,7 @@ def _quantize_layer(
 
 def _factor_linears(layer: nn.Module) -> set[int]:
     """ids of the ``down``/``up`` linears of LoRD factors: their in-dim is a rank, so a group size need not
-    divide it (the last group is shorter; only our loader reads factored checkpoints anyway)."""
+    divide it (the last group is shorter; our loader and GPTQModel's TorchLinear both accept that)."""
     out: set[int] = set()
     for _, mod in layer.named_modules():
         if type(mod).__name__ == "LowRankLinear":
