@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fnmatch
 import gc
 import json
 import statistics
@@ -51,6 +52,7 @@ LINEAR_REDUCTIONS = (0.2,)  # the issue's target point: uniform plan at -20% of 
 # model (2.5% of 416.6M on the 0.5B), here to the untrimmed one (2.5% of 494.0M): slightly lower ranks, same groups
 PRESET_REDUCTION = PRESETS["default"]["decompose"]["reduction"]
 PRESET_SKIP_SLOW = PRESETS["default"]["decompose"].get("skip_slow", False)
+PRESET_TARGETS = tuple(PRESETS["default"]["decompose"].get("targets", ("*",)))
 DECODE_PROMPT = 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -151,9 +153,11 @@ def configs(groups: list[Group], total: int, rank_reductions: tuple[float, ...],
     if preset:
         out[f"preset_reduction={PRESET_REDUCTION:g}"] = rank_plan(groups, total, "uniform",
                                                                   reduction=PRESET_REDUCTION)
-        if PRESET_SKIP_SLOW:  # what the preset runs: the groups that cannot pay left dense (lord.plans)
-            out[f"preset_reduction={PRESET_REDUCTION:g},skip_slow"] = rank_plan(
-                groups, total, "uniform", reduction=PRESET_REDUCTION, skip_slow=True)
+        if PRESET_SKIP_SLOW or PRESET_TARGETS != ("*",):  # what the preset runs: its targeted groups only,
+            # those that cannot pay left dense (lord.plans)
+            chosen = [g for g in groups if any(fnmatch.fnmatchcase(g.name, t) for t in PRESET_TARGETS)]
+            ranks = rank_plan(chosen, total, "uniform", reduction=PRESET_REDUCTION, skip_slow=PRESET_SKIP_SLOW)
+            out[f"preset_reduction={PRESET_REDUCTION:g},preset_groups"] = {g.name: ranks.get(g.name) for g in groups}
     if rank_multiple > 1:  # the target points again with every rank rounded down to the multiple
         out |= {f"{k},rank_multiple={rank_multiple}": round_down_ranks(groups, v, rank_multiple)
                 for k, v in out.items() if k.startswith("linear_reduction")}

@@ -59,10 +59,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vocab": {"keep": 65536},
         # uniform: on the 0.5B the search plan picks uniform anyway (bench/results/lord_plans.json) after 4-5 min
         # of loss evaluations, and plans that leave kinds dense or follow the spectrum lose (quality.json)
-        # skip_slow: at 2.5% the uniform plan puts all 48 attention groups near parity, where they save ~no
-        # parameters and run slower than dense; left dense, the MLPs take the cut: ppl 8.403 vs 8.382, no slow
-        # group (bench/results/speed_plan.json)
-        "decompose": {"method": "lord", "plan": "uniform", "reduction": 0.025, "skip_slow": True},
+        # targets: every factored group first pays an entry fee (its rank cut to parity, no parameter saved yet),
+        # so a small cut is cheaper in few groups cut deeper than in all groups cut shallow. Same 2.5% on the
+        # trimmed 0.5B (bench/results/speed_plan.json, dense 6.957): all 96 groups 8.382 (48 of them slower than
+        # dense), the MLPs only 8.403, gate/up only 7.916, down_proj only **7.854**.
+        # skip_slow: groups that would save parameters but not time stay dense (lord/speed.py).
+        "decompose": {"method": "lord", "plan": "uniform", "reduction": 0.025, "targets": ("*.mlp.down_proj",),
+                      "skip_slow": True},
         "quantize": {"group_size": 128, "n_seqs": 16, "seq_len": 256},
         # recovery = distillation from the dense teacher (finetune.kd), bounded by time
         "finetune": {"objective": "kd", "budget_minutes": 2.0, "steps": None, "kd_n_seqs": 24, "n_eval": 4,
