@@ -95,13 +95,18 @@ def parity_fraction_ranks(groups: list[Group], target: float,
                           depth: Mapping[str, float] | None = None) -> dict[str, int | None] | None:
     """Every group at ``r = floor(parity * (1 - c_g (1 - f)))`` (clipped to ``[1, max_factored_rank]``), with
     ``f`` the largest fraction (bisection) removing >= ``target``; ``c_g = depth[group]`` (default 1: the uniform
-    plan; lord/search.py varies it per type). None if even ``f = 0`` falls short."""
+    plan; lord/search.py varies it per type; ``c_g = 0`` leaves the group dense). None if even ``f = 0`` falls
+    short."""
     def ranks(f: float) -> dict[str, int | None]:
         out: dict[str, int | None] = {}
         for g in groups:
-            frac = 1.0 - (depth[g.name] if depth is not None else 1.0) * (1.0 - f)
+            c = depth[g.name] if depth is not None else 1.0
             rmax = max_factored_rank(g.m, g.n)
-            out[g.name] = None if rmax < 1 else max(1, min(rmax, math.floor(frac * parity_rank(g.m, g.n))))
+            if c == 0 or rmax < 1:  # c = 0: the group stays dense (not factored at its parity rank)
+                out[g.name] = None
+                continue
+            frac = 1.0 - c * (1.0 - f)
+            out[g.name] = max(1, min(rmax, math.floor(frac * parity_rank(g.m, g.n))))
         return out
 
     if _removed(groups, ranks(0.0)) < target:

@@ -7,10 +7,10 @@ attention projections, which the uniform plan cuts hardest and which turn out ch
 let the model say how much deeper or shallower each type (q/k/v, o, gate/up, down) should go.
 
 Plan family: group ``g`` of type ``t`` gets ``r_g = floor(parity_g * (1 - c_t (1 - f)))`` (clipped to
-``[1, max_factored_rank]``); ``c_t = 1`` everywhere is ``uniform``. For a multiplier vector ``c`` the fraction ``f``
-is found by bisection so the parameter target is met; ``c`` is chosen by coordinate descent (each type in turn,
-a few multipliers, keep what lowers the loss) on the mean next-token loss of a calibration batch, evaluated with
-every group truncated at once (interactions included: the loss of the whole cut, not a sum of probes).
+``[1, max_factored_rank]``; ``c_t = 0``: the type stays dense); ``c_t = 1`` everywhere is ``uniform``. For a
+multiplier vector ``c`` the fraction ``f`` is found by bisection so the parameter target is met; ``c`` is chosen
+by coordinate descent (each type in turn, a few multipliers, keep what lowers the loss) on the mean next-token
+loss of a calibration batch, evaluated with every group truncated at once (interactions included: the loss of the whole cut, not a sum of probes).
 Each evaluation is one forward: the factors are computed once at the largest rank and sliced per candidate.
 """
 
@@ -30,7 +30,10 @@ from lord.errors import LordError
 from lord.ranks import max_factored_rank, parity_fraction_ranks
 from lord.surgery import Group, stacked_weight
 
-MULTIPLIERS = (0.5, 0.75, 1.5, 2.0)
+# 0 leaves the type dense: near parity a factored group has paid its cut to parity without saving a parameter,
+# so a small target is cheaper in fewer types cut deeper (trimmed 0.5B at 2.5%: all groups ppl 8.382, down_proj
+# only 7.854; bench/results/speed_plan.json), which no positive multiplier can express
+MULTIPLIERS = (0.0, 0.5, 0.75, 1.5, 2.0)
 
 
 class _Sliced(nn.Module):
@@ -114,6 +117,8 @@ def search_plan(model: nn.Module, groups: list[Group], facts: Mapping[str, Facto
                 for m in multipliers:
                     bar.update(1)
                     cand = {**base, t: base[t] * m}
+                    if cand == base:  # a dense type stays dense under every multiplier
+                        continue
                     ranks = type_ranks(groups, cand, target)
                     if ranks is None:
                         continue

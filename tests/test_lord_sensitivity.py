@@ -174,6 +174,11 @@ def test_search_plan_measures_its_candidates_and_restores_the_model(tiny_any):
     target = 0.2 * total
     uniform = lord.rank_plan(groups, total, "uniform", 0.2)
     assert type_ranks(groups, {group_type(g): 1.0 for g in groups}, target) == uniform  # c = 1: uniform
+    types = sorted({group_type(g) for g in groups})
+    one_dense = type_ranks(groups, {t: 0.0 if t == types[0] else 1.0 for t in types}, target)  # c = 0: dense
+    assert all((one_dense[g.name] is None) == (group_type(g) == types[0]) for g in groups)
+    assert lord.plan_summary(groups, one_dense, total)["params_removed"] >= target
+    assert type_ranks(groups, dict.fromkeys(types, 0.0), target) is None  # nothing left to cut
     rival = lord.rank_plan(groups, total, "spectrum", 0.2, {k: f.error_curve() for k, f in facts.items()})
     ranks, rep = search_plan(model, groups, facts, ids[8:], target, passes=1, progress=False,
                              candidates={"spectrum": rival})
