@@ -209,9 +209,12 @@ class Clock:
 
 def lr_factor(step: int, cfg: FinetuneConfig, elapsed_seconds: float) -> float:
     """Linear warmup, then cosine / linear decay / constant over the run's progress: the larger of the step
-    fraction and the budget fraction, so a budgeted run anneals by the time it is stopped."""
+    fraction and the budget fraction, so a budgeted run anneals by the time it is stopped.
+
+    Warmup is ``(step + 1) / (warmup_steps + 1)``, never 0: a first step at lr 0 is wasted, and a budgeted CPU run
+    may only have one (the default preset's 2-minute KD did exactly that: ppl 8.8008 before and after)."""
     if step < cfg.warmup_steps:
-        return step / max(1, cfg.warmup_steps)
+        return (step + 1) / (cfg.warmup_steps + 1)
     if cfg.scheduler == "constant":
         return 1.0
     progress = 0.0
