@@ -318,7 +318,8 @@ def main() -> None:
         "plans": "rank_reduction=rho: uniform r = round((1 - rho) min(m, n)), groups not below parity stay dense "
                  "(the paper's axis); linear_reduction=p: uniform parity-fraction plan removing p of the linear "
                  f"(factorable) parameters; preset_reduction={PRESET_REDUCTION}: the default preset's LoRD share of all "
-                 "parameters (of the vocabulary-trimmed model there), uniform plan",
+                 "parameters (of the vocabulary-trimmed model there), uniform plan over all groups; ',preset_groups': "
+                 "the same over the preset's own targets, with its skip_slow",
         "rank_multiple": args.rank_multiple,
         "prefill": "[1, L] prompt into a fresh DynamicCache, logits_to_keep=1 (as generate), ms",
         "decode": f"[B, {DECODE_PROMPT}] prompt prefilled untimed, then {args.decode_steps} single-token steps "
