@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import fnmatch
 import gc
 import json
 import statistics
@@ -142,8 +141,10 @@ def round_robin(models: dict[str, torch.nn.Module], inputs: dict, rounds: int, w
 
 
 def configs(groups: list[Group], total: int, rank_reductions: tuple[float, ...],
-            linear_reductions: tuple[float, ...], rank_multiple: int, preset: bool = True) -> dict[str, dict]:
-    """Named rank maps: the paper's rank-reduction axis, the target linear reductions, the default preset."""
+            linear_reductions: tuple[float, ...], rank_multiple: int, preset: bool = True,
+            preset_groups: list[Group] | None = None) -> dict[str, dict]:
+    """Named rank maps: the paper's rank-reduction axis, the target linear reductions, the default preset (over
+    all groups, and over ``preset_groups``: the ones its ``targets`` select)."""
     lin = sum(g.m * g.n for g in groups)  # every group is targeted here: = lord.model_ops.linear_params
     out = {}
     for rho in rank_reductions:
@@ -153,10 +154,8 @@ def configs(groups: list[Group], total: int, rank_reductions: tuple[float, ...],
     if preset:
         out[f"preset_reduction={PRESET_REDUCTION:g}"] = rank_plan(groups, total, "uniform",
                                                                   reduction=PRESET_REDUCTION)
-        if PRESET_SKIP_SLOW or PRESET_TARGETS != ("*",):  # what the preset runs: its targeted groups only,
-            # those that cannot pay left dense (lord.plans)
-            chosen = [g for g in groups if any(fnmatch.fnmatchcase(g.name, t) for t in PRESET_TARGETS)]
-            ranks = rank_plan(chosen, total, "uniform", reduction=PRESET_REDUCTION, skip_slow=PRESET_SKIP_SLOW)
+        if preset_groups is not None:  # what the preset runs: its targeted groups, the slow ones left dense
+            ranks = rank_plan(preset_groups, total, "uniform", reduction=PRESET_REDUCTION, skip_slow=PRESET_SKIP_SLOW)
             out[f"preset_reduction={PRESET_REDUCTION:g},preset_groups"] = {g.name: ranks.get(g.name) for g in groups}
     if rank_multiple > 1:  # the target points again with every rank rounded down to the multiple
         out |= {f"{k},rank_multiple={rank_multiple}": round_down_ranks(groups, v, rank_multiple)
@@ -170,8 +169,9 @@ def bench_model(name: str, dtypes: list[str], args: argparse.Namespace, log: Cal
     groups = find_groups(dense)
     total = sum(p.numel() for p in dense.parameters())
     lin = linear_params(dense)
+    own = PRESET_SKIP_SLOW or PRESET_TARGETS != ("*",)
     plans = configs(groups, total, tuple(args.rank_reductions), tuple(args.linear_reductions), args.rank_multiple,
-                    args.preset)
+                    args.preset, find_groups(dense, PRESET_TARGETS) if own else None)
     records = []
     for dname in dtypes:
         dense.to(DTYPES[dname])

@@ -57,8 +57,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # -17.8% of all parameters in all (`--no-vocab --reduction 0.1` is LoRD alone at -10%).
         "enable": ("vocab",),
         "vocab": {"keep": 65536},
-        # uniform: on the 0.5B the search plan picks uniform anyway (bench/results/lord_plans.json) after 4-5 min
-        # of loss evaluations, and plans that leave kinds dense or follow the spectrum lose (quality.json)
+        # uniform: at -20% the search plan picked uniform on the 0.5B (bench/results/lord_plans.json) after 4-5
+        # min of loss evaluations; at -10% leaving kinds dense lost (quality.json), at 2.5% it wins (below)
         # targets: every factored group first pays an entry fee (its rank cut to parity, no parameter saved yet),
         # so a small cut is cheaper in few groups cut deeper than in all groups cut shallow. Same 2.5% on the
         # trimmed 0.5B (bench/results/speed_plan.json, dense 6.957): all 96 groups 8.382 (48 of them slower than
