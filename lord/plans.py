@@ -45,7 +45,7 @@ from lord.ranks import (
     removal_target,
     uniform_rank_reduction,
 )
-from lord.search import search_plan
+from lord.search import least_sensitive_ranks, search_plan
 from lord.sensitivity import Sensitivity, fisher_sensitivities, probe_sensitivities, weights_of
 from lord.speed import is_slow
 from lord.surgery import Group
@@ -196,8 +196,10 @@ class Search(RankPlan):
             raise LordError("plan 'search' measures the model's loss for each candidate plan: it needs the model, "
                             "its factorizations and sensitivity_ids; use lord.decompose_model")
         auto, sens, _ = Auto()._solve(ctx)
+        weights = ctx.weights if ctx.weights is not None else sens.weights
+        candidates = {"auto": auto, **least_sensitive_ranks(ctx.groups, weights, self._target(ctx))}
         ranks, found = search_plan(ctx.model, ctx.groups, ctx.facts, ctx.sensitivity_ids, self._target(ctx),
-                                   candidates={"auto": auto}, progress=ctx.progress,
+                                   candidates=candidates, progress=ctx.progress,
                                    validation_ids=ctx.validation_ids)
         return ranks, sens, found
 

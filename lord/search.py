@@ -16,6 +16,7 @@ Each evaluation is one forward: the factors are computed once at the largest ran
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 
@@ -34,6 +35,11 @@ from lord.surgery import Group, stacked_weight
 # so a small target is cheaper in fewer types cut deeper (trimmed 0.5B at 2.5%: all groups ppl 8.382, down_proj
 # only 7.854; bench/results/speed_plan.json), which no positive multiplier can express
 MULTIPLIERS = (0.0, 0.5, 0.75, 1.5, 2.0)
+# the same reasoning within a type: the parameters come from the least sensitive share of the groups, cut deeper.
+# Trimmed 0.5B, 2.5% in down_proj (dense 6.957): uniform over all 24 layers 7.854; over the 18 / 12 / 8 / 6 / 4 with
+# the lowest Fisher weight 7.416 / 7.307 / 7.253 / 7.242 / 7.338; the Fisher-weighted ``auto`` plan over all 24
+# 7.494; the 12 with the lowest gradient energy (the deepest) 7.979. The loss evaluations pick the share.
+SUBSET_FRACTIONS = (0.5, 1 / 3, 0.25)
 
 
 class _Sliced(nn.Module):
@@ -55,6 +61,22 @@ def group_type(group: Group) -> str:
     return group.kind or group.name
 
 
+def least_sensitive_ranks(groups: list[Group], weights: Mapping[str, float], target: float,
+                          fractions: tuple[float, ...] = SUBSET_FRACTIONS) -> dict[str, dict[str, int | None]]:
+    """``{label: ranks}``: for each fraction, the uniform plan over that share of the groups with the lowest
+    sensitivity weight (the rest dense), when that share can meet ``target``. Ties keep the groups' order."""
+    order = sorted(groups, key=lambda g: weights.get(g.name, math.inf))
+    out: dict[str, dict[str, int | None]] = {}
+    for frac in fractions:
+        k = max(1, math.ceil(frac * len(groups)))
+        if k >= len(groups):
+            continue
+        sub = parity_fraction_ranks(order[:k], target)
+        if sub is not None:
+            out[f"least-sensitive {k}/{len(groups)}"] = {g.name: sub.get(g.name) for g in groups}
+    return out
+
+
 def type_ranks(groups: list[Group], mult: Mapping[str, float], target: float) -> dict[str, int | None] | None:
     """Ranks for multipliers ``mult`` (type -> c_t) meeting ``target`` removed parameters, or None if unreachable."""
     return parity_fraction_ranks(groups, target, {g.name: mult[group_type(g)] for g in groups})
@@ -65,13 +87,15 @@ def search_plan(model: nn.Module, groups: list[Group], facts: Mapping[str, Facto
                 target: float, multipliers: tuple[float, ...] = MULTIPLIERS, passes: int = 2,
                 batch_size: int = 4, progress: bool = True,
                 candidates: Mapping[str, Mapping[str, int | None]] | None = None,
-                validation_ids: torch.Tensor | None = None) -> tuple[dict[str, int | None], dict]:
+                validation_ids: torch.Tensor | None = None,
+                validate_top: int = 3) -> tuple[dict[str, int | None], dict]:
     """Ranks meeting ``target`` removed parameters with the lowest measured loss on ``ids`` among the plan family
     and any other ``candidates`` (label -> ranks, e.g. the Fisher-weighted ``auto`` plan, which won on
     smollm2-135m); the model is restored before returning. Also returns a report (chosen plan, multipliers,
-    losses, evaluations, seconds). With ``validation_ids`` the finalists (uniform, the best per-type plan and each
-    candidate) are re-scored on that independent batch and the lowest there wins: the best of ~34 plans on one
-    batch is optimistically scored (winner's curse), and on qwen2.5-coder-0.5b it did not transfer."""
+    losses, evaluations, seconds). With ``validation_ids`` the ``validate_top`` finalists (among uniform, the best
+    per-type plan and each candidate) with the lowest loss are re-scored on that independent batch and the lowest
+    there wins: the best of ~34 plans on one batch is optimistically scored (winner's curse), and on
+    qwen2.5-coder-0.5b it did not transfer."""
     if ids.ndim != 2 or ids.shape[1] < 2:
         raise LordError(f"search ids have shape {tuple(ids.shape)}; expected [n_seqs, seq_len >= 2]")
     t0 = time.perf_counter()
@@ -97,7 +121,15 @@ def search_plan(model: nn.Module, groups: list[Group], facts: Mapping[str, Facto
                 originals[member] = dense
                 setattr(model.get_submodule(parent), attr, _Sliced(dense, u, down, state))
 
+        memo: dict[tuple, float] = {}
+
         def loss(ranks: Mapping[str, int | None], batch: torch.Tensor = ids) -> float:
+            key = (id(batch), tuple(sorted(ranks.items())))
+            if key not in memo:  # one type's multipliers all give its uniform plan: measured once
+                memo[key] = _loss(ranks, batch)
+            return memo[key]
+
+        def _loss(ranks: Mapping[str, int | None], batch: torch.Tensor) -> float:
             for name, r in ranks.items():
                 states[name]["rank"] = r
             device = next(model.parameters()).device
@@ -141,7 +173,9 @@ def search_plan(model: nn.Module, groups: list[Group], facts: Mapping[str, Facto
                 best, best_ranks, chosen = value, dict(ranks), label
         validation = {}
         if validation_ids is not None and len(finalists) > 1:
-            validation = {label: loss(ranks, validation_ids) for label, ranks in finalists.items()}
+            # the few best on the search batch: each re-score is a forward of the model (~20 s on the 0.5B)
+            top = sorted(finalists, key=lambda label: scores[label])[:validate_top]
+            validation = {label: loss(finalists[label], validation_ids) for label in top}
             chosen = min(validation, key=validation.get)
             best_ranks = finalists[chosen]
     finally:
@@ -149,6 +183,6 @@ def search_plan(model: nn.Module, groups: list[Group], facts: Mapping[str, Facto
             parent, _, attr = member.rpartition(".")
             setattr(model.get_submodule(parent), attr, dense)
     report = {"method": "search", "chosen": chosen, "multipliers": mult, "loss": scores[chosen],
-              "loss_uniform": history[0]["loss"], "validation_loss": validation, "evaluations": len(history),
+              "loss_uniform": history[0]["loss"], "validation_loss": validation, "evaluations": len(memo),
               "n_tokens": int(ids.numel()), "history": history, "seconds": time.perf_counter() - t0}
     return best_ranks, report

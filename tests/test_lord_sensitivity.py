@@ -200,6 +200,10 @@ def test_search_plan_measures_its_candidates_and_restores_the_model(tiny_any):
     assert {"uniform", "spectrum"} <= set(rep_v["validation_loss"])
     assert rep_v["chosen"] == min(rep_v["validation_loss"], key=rep_v["validation_loss"].get)
     assert ranks_v == {"uniform": uniform, "spectrum": rival}.get(rep_v["chosen"], ranks_v)
+    # only the best few on the search batch are re-scored (each is a forward of the model)
+    _, rep_1 = search_plan(model, groups, facts, ids[8:], target, passes=1, progress=False,
+                           candidates={"spectrum": rival}, validation_ids=ids[:4], validate_top=1)
+    assert list(rep_1["validation_loss"]) == [rep["chosen"]] and rep_1["chosen"] == rep["chosen"]
 
 
 def test_decompose_model_search_plan_reports_choice(tiny_llama, calib_ids):
@@ -208,9 +212,49 @@ def test_decompose_model_search_plan_reports_choice(tiny_llama, calib_ids):
     report = lord.decompose_model(tiny_llama, stats, lord.DecomposeConfig(plan="search", reduction=0.1),
                                   progress=False, sensitivity_ids=calib_ids[:4])
     assert report.metrics["param_reduction"] >= 0.1
-    assert report.metrics["search_chosen"] in ("uniform", "types", "auto")
+    assert report.metrics["search_chosen"] in ("uniform", "types", "auto") or \
+        report.metrics["search_chosen"].startswith("least-sensitive ")
     assert report.metrics["search_loss"] <= report.metrics["search_loss_uniform"]
     assert report.plan.search["evaluations"] > 1
     assert report.plan.to_json()["_search"] == report.plan.search  # sensitivity.json's layout
     with pytest.raises(LordError, match="decompose_model"):
         lord.rank_plan(groups, lord.count_params(tiny_llama), "search", 0.1)
+
+
+def test_least_sensitive_ranks_cut_the_cheapest_share_deeper():
+    """A small cut in fewer groups: each candidate factors only the lowest-weight share, uniformly, and still
+    meets the target; the other groups stay dense; a share that cannot meet the target is not offered."""
+    from lord.search import least_sensitive_ranks
+    from lord.surgery import Group
+
+    groups = [Group(f"l{i}.down", (f"l{i}.down",), 4864, (896,), i, "down") for i in range(8)]
+    weights = {g.name: w for g, w in zip(groups, (9.0, 1.0, 8.0, 2.0, 7.0, 3.0, 6.0, 4.0), strict=True)}
+    total = 10 ** 8
+    target = 0.01 * total
+    cands = least_sensitive_ranks(groups, weights, target)
+    assert set(cands) == {"least-sensitive 4/8", "least-sensitive 3/8", "least-sensitive 2/8"}
+    half = cands["least-sensitive 4/8"]
+    assert [g.name for g in groups if half[g.name] is not None] == ["l1.down", "l3.down", "l5.down", "l7.down"]
+    assert len({half[n] for n in ("l1.down", "l3.down", "l5.down", "l7.down")}) == 1  # uniform on the share
+    uniform = lord.rank_plan(groups, total, "uniform", 0.01)
+    assert half["l1.down"] < uniform["l1.down"]  # fewer groups, each cut deeper
+    for ranks in cands.values():
+        assert lord.plan_summary(groups, ranks, total)["params_removed"] >= target
+    # 2 groups of 8 hold 25% of their parameters: they cannot remove 30%; 3 can
+    big = least_sensitive_ranks(groups, weights, 0.3 * 8 * 896 * 4864)
+    assert "least-sensitive 2/8" not in big and "least-sensitive 3/8" in big
+
+
+def test_search_over_one_type_measures_each_distinct_plan_once(tiny_llama):
+    """With a single group type every multiplier re-plans the same uniform cut; the loss is measured once per
+    distinct plan (the search's cost on the default preset, which factors down_proj only)."""
+    from lord.search import search_plan
+
+    ids = _ids(12, 64)
+    groups, facts = _facts(tiny_llama, ids[:8])
+    down = [g for g in groups if g.kind == "down"]
+    total = lord.count_params(tiny_llama)
+    _, rep = search_plan(tiny_llama, down, facts, ids[8:], 0.05 * total, passes=2, progress=False)
+    distinct = {tuple(sorted(h["multipliers"].items())) for h in rep["history"]}
+    assert len(rep["history"]) > rep["evaluations"] >= 1
+    assert rep["evaluations"] <= len(distinct)

@@ -1,0 +1,103 @@
+"""How many groups a small cut should go to: the default preset's LoRD point (2.5% of the vocabulary-trimmed model,
+down_proj only) spread uniformly over all 24 layers, over the k least sensitive ones (Fisher weight, the
+``search`` plan's ``least-sensitive`` candidates, lord/search.py), and as the Fisher-weighted ``auto`` plan.
+
+Why: every factored group first gives up the ranks between full and parity before it saves a parameter, so a
+small cut is cheaper in fewer groups cut deeper; which groups is the sensitivity's job. The factors are computed
+once from one statistics file; the Fisher pass runs on the preset's sensitivity batch (calibration tokens);
+held-out ppl on the stdlib held-out split (never calibrated on), 8 x 512 windows as the flow's evaluate stage.
+Writes bench/results/lord_share.json.
+
+Run on a flow's artifacts (the preset's vocab stage and its calibration statistics):
+    OMP_NUM_THREADS=2 flock /tmp/lord-heavy.lock .venv/bin/python bench/lord_share.py \
+        --model runs/vocab/<key> --stats runs/calibrate/<key>
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from bench.common import write_results  # noqa: E402
+
+SHARES = (24, 18, 12, 8, 6, 4)  # all, then the shares tried beyond the search plan's (1/2, 1/3, 1/4)
+
+
+def main() -> None:
+    import torch
+
+    import lord
+    from evaluation.perplexity import PerplexityConfig, perplexity
+    from flows.presets import PRESETS
+    from lord.config import DecomposeConfig
+    from lord.model_ops import linear_params
+    from lord.plans import rank_plan
+    from lord.ranks import removal_target
+    from lord.search import least_sensitive_ranks
+    from lord.sensitivity import fisher_sensitivities
+    from lord.stages import STATS_FILE
+    from lord.stats import load_stats
+    from sources import calibration_batches, code_split, load_model
+
+    preset = PRESETS["default"]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="the model the preset factors (a flow's runs/vocab/<key>)")
+    ap.add_argument("--stats", type=Path, required=True, help="its statistics (a flow's runs/calibrate/<key>)")
+    ap.add_argument("--reduction", type=float, default=preset["decompose"]["reduction"])
+    ap.add_argument("--targets", nargs="+", default=list(preset["decompose"]["targets"]))
+    ap.add_argument("--n-windows", type=int, default=preset["evaluate"]["n_windows"])
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    model, tok = load_model(args.model)
+    groups = lord.find_groups(model, tuple(args.targets))
+    stats_file = args.stats / STATS_FILE if args.stats.is_dir() else args.stats
+    stats, _ = load_stats(stats_file, [g.name for g in groups])
+    facts = lord.factorize_groups(model, groups, stats, ("lord",))["lord"]
+    del stats
+    curves = {g.name: facts[g.name].error_curve() for g in groups}
+    total, lin = lord.count_params(model), linear_params(model)
+    dc = DecomposeConfig()
+    sens_ids = calibration_batches(tok, code_split().calibration, n_seqs=dc.sensitivity_seqs,
+                                   seq_len=dc.sensitivity_seq_len, seed=dc.sensitivity_seed)
+    sens = fisher_sensitivities(model, groups, facts, sens_ids)
+    weights = sens.weights
+    target = removal_target(groups, total, args.reduction, "uniform")
+    plans = {"uniform all": rank_plan(groups, total, "uniform", reduction=args.reduction),
+             "auto (Fisher-weighted curves)": rank_plan(groups, total, "auto", reduction=args.reduction,
+                                                        curves=curves, weights=weights)}
+    plans.update(least_sensitive_ranks(groups, weights, target, tuple(k / len(groups) for k in SHARES[1:])))
+    cfg = PerplexityConfig(seq_len=preset["evaluate"]["seq_len"], n_windows=args.n_windows, batch_size=4)
+    files = code_split().heldout
+    records = [{"plan": "dense", "ppl": perplexity(model, tok, files, cfg).ppl, "param_reduction": 0.0}]
+    print(records[0], flush=True)
+    for label, ranks in plans.items():
+        cut = copy.deepcopy(model)
+        rep = lord.apply_ranks(cut, groups, facts, ranks, total, lin)
+        t0 = time.perf_counter()
+        ppl = perplexity(cut, tok, files, cfg).ppl
+        rec = {"plan": label, "ppl": ppl, "ppl_increase": ppl / records[0]["ppl"] - 1,
+               "param_reduction": rep.metrics["param_reduction"],
+               "linear_param_reduction": rep.metrics["linear_param_reduction"],
+               "n_groups_factored": rep.metrics["n_groups_factored"],
+               "ranks": {g.name: ranks.get(g.name) for g in groups if ranks.get(g.name) is not None},
+               "eval_seconds": round(time.perf_counter() - t0, 1)}
+        print({k: v for k, v in rec.items() if k != "ranks"}, flush=True)
+        records.append(rec)
+        del cut
+        write_results("lord_share", {"model": args.model, "stats": str(args.stats), "reduction": args.reduction,
+                                     "targets": args.targets, "sensitivity": {**sens.meta, "weights": weights},
+                                     "ppl": {**cfg.__dict__, "heldout": "stdlib held-out split"},
+                                     "plans": "uniform parity-fraction plan over all groups or the k with the "
+                                              "lowest Fisher weight (lord.search.least_sensitive_ranks); auto: "
+                                              "lord.plans Auto"}, records)
+
+
+if __name__ == "__main__":
+    main()
