@@ -10,13 +10,15 @@ Writes bench/results/lord_share.json.
 
 Run on a flow's artifacts (the preset's vocab stage and its calibration statistics):
     OMP_NUM_THREADS=2 flock /tmp/lord-heavy.lock .venv/bin/python bench/lord_share.py \
-        --model runs/vocab/<key> --stats runs/calibrate/<key>
+        --model runs/vocab/<key> --stats runs/calibrate/<key> [--reduction 0.1 --targets '*']
+Records are merged by (reduction, targets): each point is replaced by its latest run.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from bench.common import write_results  # noqa: E402
+from bench.common import RESULTS, write_results  # noqa: E402
 
-SHARES = (24, 18, 12, 8, 6, 4)  # all, then the shares tried beyond the search plan's (1/2, 1/3, 1/4)
+FRACTIONS = (0.75, 0.5, 1 / 3, 0.25, 1 / 6)  # of the groups; the search plan tries 1/2, 1/3, 1/4
 
 
 def main() -> None:
@@ -72,17 +74,21 @@ def main() -> None:
     plans = {"uniform all": rank_plan(groups, total, "uniform", reduction=args.reduction),
              "auto (Fisher-weighted curves)": rank_plan(groups, total, "auto", reduction=args.reduction,
                                                         curves=curves, weights=weights)}
-    plans.update(least_sensitive_ranks(groups, weights, target, tuple(k / len(groups) for k in SHARES[1:])))
+    plans.update(least_sensitive_ranks(groups, weights, target, FRACTIONS))
     cfg = PerplexityConfig(seq_len=preset["evaluate"]["seq_len"], n_windows=args.n_windows, batch_size=4)
     files = code_split().heldout
-    records = [{"plan": "dense", "ppl": perplexity(model, tok, files, cfg).ppl, "param_reduction": 0.0}]
+    point = {"reduction": args.reduction, "targets": args.targets}
+    old = RESULTS / "lord_share.json"
+    kept = [r for r in (json.loads(old.read_text())["records"] if old.exists() else [])
+            if {k: r.get(k) for k in point} != point]  # other (reduction, targets) points stay
+    records = [{**point, "plan": "dense", "ppl": perplexity(model, tok, files, cfg).ppl, "param_reduction": 0.0}]
     print(records[0], flush=True)
     for label, ranks in plans.items():
         cut = copy.deepcopy(model)
         rep = lord.apply_ranks(cut, groups, facts, ranks, total, lin)
         t0 = time.perf_counter()
         ppl = perplexity(cut, tok, files, cfg).ppl
-        rec = {"plan": label, "ppl": ppl, "ppl_increase": ppl / records[0]["ppl"] - 1,
+        rec = {**point, "plan": label, "ppl": ppl, "ppl_increase": ppl / records[0]["ppl"] - 1,
                "param_reduction": rep.metrics["param_reduction"],
                "linear_param_reduction": rep.metrics["linear_param_reduction"],
                "n_groups_factored": rep.metrics["n_groups_factored"],
@@ -91,12 +97,12 @@ def main() -> None:
         print({k: v for k, v in rec.items() if k != "ranks"}, flush=True)
         records.append(rec)
         del cut
-        write_results("lord_share", {"model": args.model, "stats": str(args.stats), "reduction": args.reduction,
-                                     "targets": args.targets, "sensitivity": {**sens.meta, "weights": weights},
+        write_results("lord_share", {"model": args.model, "stats": str(args.stats),
+                                     "sensitivity": {**sens.meta, "weights": weights},
                                      "ppl": {**cfg.__dict__, "heldout": "stdlib held-out split"},
                                      "plans": "uniform parity-fraction plan over all groups or the k with the "
                                               "lowest Fisher weight (lord.search.least_sensitive_ranks); auto: "
-                                              "lord.plans Auto"}, records)
+                                              "lord.plans Auto"}, kept + records)
 
 
 if __name__ == "__main__":

@@ -57,15 +57,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         # -17.8% of all parameters in all (`--no-vocab --reduction 0.1` is LoRD alone at -10%).
         "enable": ("vocab",),
         "vocab": {"keep": 65536},
-        # uniform: at -20% the search plan picked uniform on the 0.5B (bench/results/lord_plans.json) after 4-5
-        # min of loss evaluations; at -10% leaving kinds dense lost (quality.json), at 2.5% it wins (below)
         # targets: every factored group first pays an entry fee (its rank cut to parity, no parameter saved yet),
         # so a small cut is cheaper in few groups cut deeper than in all groups cut shallow. Same 2.5% on the
         # trimmed 0.5B (bench/results/speed_plan.json, dense 6.957): all 96 groups 8.382 (48 of them slower than
-        # dense), the MLPs only 8.403, gate/up only 7.916, down_proj only **7.854**.
+        # dense), the MLPs only 8.403, gate/up only 7.916, down_proj only 7.854.
+        # search: the same again across layers: its least-sensitive-share candidates put the 2.5% into the 6
+        # down_proj with the lowest Fisher weight, **7.242** (bench/results/lord_share.json); ~4 min of Fisher pass
+        # and loss evaluations (plain uniform over all 24: 14 s).
         # skip_slow: groups that would save parameters but not time stay dense (lord/speed.py).
-        "decompose": {"method": "lord", "plan": "uniform", "reduction": 0.025, "targets": ("*.mlp.down_proj",),
+        "decompose": {"method": "lord", "plan": "search", "reduction": 0.025, "targets": ("*.mlp.down_proj",),
                       "skip_slow": True},
+        # grid minmax: on this plan's checkpoint (mostly dense weights) the clipped grid (mse) was worse, GPTQ-4
+        # 7.876 -> 7.976, and took 146 s more (bench/results/quant_grid.json)
         "quantize": {"group_size": 128, "n_seqs": 16, "seq_len": 256},
         # recovery = distillation from the dense teacher (finetune.kd), bounded by time
         # no warmup: the 2-minute budget fits 1-2 steps of 51 s, and with warmup 2 the one step ran at lr 0
