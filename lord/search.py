@@ -37,8 +37,8 @@ from lord.surgery import Group, stacked_weight
 MULTIPLIERS = (0.0, 0.5, 0.75, 1.5, 2.0)
 # the same reasoning within a type: the parameters come from the least sensitive share of the groups, cut deeper.
 # Trimmed 0.5B, 2.5% in down_proj (dense 6.957): uniform over all 24 layers 7.854; over the 18 / 12 / 8 / 6 / 4 with
-# the lowest Fisher weight 7.416 / 7.307 / 7.253 / 7.242 / 7.338; the Fisher-weighted ``auto`` plan over all 24
-# 7.494; the 12 with the lowest gradient energy (the deepest) 7.979. The loss evaluations pick the share.
+# the lowest Fisher weight 7.416 / 7.322 / 7.253 / 7.242 / 7.338; the Fisher-weighted ``auto`` plan 7.381
+# (bench/results/lord_share.json). The loss evaluations pick the share.
 SUBSET_FRACTIONS = (0.5, 1 / 3, 0.25)
 
 
