@@ -16,11 +16,8 @@ Records are merged by (reduction, targets): each point is replaced by its latest
 
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,74 +29,46 @@ FRACTIONS = (0.75, 0.5, 1 / 3, 0.25, 1 / 6)  # of the groups; the search plan tr
 
 
 def main() -> None:
-    import torch
-
-    import lord
-    from evaluation.perplexity import PerplexityConfig, perplexity
+    from bench.plan_bench import load_base, plan_parser
     from flows.presets import PRESETS
     from lord.config import DecomposeConfig
-    from lord.model_ops import linear_params
     from lord.plans import rank_plan
     from lord.ranks import removal_target
     from lord.search import least_sensitive_ranks
     from lord.sensitivity import fisher_sensitivities
-    from lord.stages import STATS_FILE
-    from lord.stats import load_stats
-    from sources import calibration_batches, code_split, load_model
+    from sources import calibration_batches, code_split
 
     preset = PRESETS["default"]
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="the model the preset factors (a flow's runs/vocab/<key>)")
-    ap.add_argument("--stats", type=Path, required=True, help="its statistics (a flow's runs/calibrate/<key>)")
-    ap.add_argument("--reduction", type=float, default=preset["decompose"]["reduction"])
+    ap = plan_parser(__doc__, preset)
     ap.add_argument("--targets", nargs="+", default=list(preset["decompose"]["targets"]))
-    ap.add_argument("--n-windows", type=int, default=preset["evaluate"]["n_windows"])
     args = ap.parse_args()
-
-    torch.manual_seed(0)
-    model, tok = load_model(args.model)
-    groups = lord.find_groups(model, tuple(args.targets))
-    stats_file = args.stats / STATS_FILE if args.stats.is_dir() else args.stats
-    stats, _ = load_stats(stats_file, [g.name for g in groups])
-    facts = lord.factorize_groups(model, groups, stats, ("lord",))["lord"]
-    del stats
-    curves = {g.name: facts[g.name].error_curve() for g in groups}
-    total, lin = lord.count_params(model), linear_params(model)
+    base = load_base(args.model, args.stats, preset, args.n_windows, tuple(args.targets))
+    groups, total = base.groups, base.total
+    curves = {g.name: base.facts[g.name].error_curve() for g in groups}
     dc = DecomposeConfig()
-    sens_ids = calibration_batches(tok, code_split().calibration, n_seqs=dc.sensitivity_seqs,
+    sens_ids = calibration_batches(base.tok, code_split().calibration, n_seqs=dc.sensitivity_seqs,
                                    seq_len=dc.sensitivity_seq_len, seed=dc.sensitivity_seed)
-    sens = fisher_sensitivities(model, groups, facts, sens_ids)
+    sens = fisher_sensitivities(base.model, groups, base.facts, sens_ids)
     weights = sens.weights
     target = removal_target(groups, total, args.reduction, "uniform")
     plans = {"uniform all": rank_plan(groups, total, "uniform", reduction=args.reduction),
              "auto (Fisher-weighted curves)": rank_plan(groups, total, "auto", reduction=args.reduction,
                                                         curves=curves, weights=weights)}
     plans.update(least_sensitive_ranks(groups, weights, target, FRACTIONS))
-    cfg = PerplexityConfig(seq_len=preset["evaluate"]["seq_len"], n_windows=args.n_windows, batch_size=4)
-    files = code_split().heldout
     point = {"reduction": args.reduction, "targets": args.targets}
     old = RESULTS / "lord_share.json"
     kept = [r for r in (json.loads(old.read_text())["records"] if old.exists() else [])
             if {k: r.get(k) for k in point} != point]  # other (reduction, targets) points stay
-    records = [{**point, "plan": "dense", "ppl": perplexity(model, tok, files, cfg).ppl, "param_reduction": 0.0}]
+    records = [{**point, "plan": "dense", "ppl": base.dense_ppl(), "param_reduction": 0.0}]
     print(records[0], flush=True)
     for label, ranks in plans.items():
-        cut = copy.deepcopy(model)
-        rep = lord.apply_ranks(cut, groups, facts, ranks, total, lin)
-        t0 = time.perf_counter()
-        ppl = perplexity(cut, tok, files, cfg).ppl
-        rec = {**point, "plan": label, "ppl": ppl, "ppl_increase": ppl / records[0]["ppl"] - 1,
-               "param_reduction": rep.metrics["param_reduction"],
-               "linear_param_reduction": rep.metrics["linear_param_reduction"],
-               "n_groups_factored": rep.metrics["n_groups_factored"],
-               "ranks": {g.name: ranks.get(g.name) for g in groups if ranks.get(g.name) is not None},
-               "eval_seconds": round(time.perf_counter() - t0, 1)}
+        rec = {**point, "plan": label, **base.evaluate(ranks, records[0]["ppl"]),
+               "ranks": {g.name: ranks.get(g.name) for g in groups if ranks.get(g.name) is not None}}
         print({k: v for k, v in rec.items() if k != "ranks"}, flush=True)
         records.append(rec)
-        del cut
         write_results("lord_share", {"model": args.model, "stats": str(args.stats),
                                      "sensitivity": {**sens.meta, "weights": weights},
-                                     "ppl": {**cfg.__dict__, "heldout": "stdlib held-out split"},
+                                     "ppl": {**base.cfg.__dict__, "heldout": "stdlib held-out split"},
                                      "plans": "uniform parity-fraction plan over all groups or the k with the "
                                               "lowest Fisher weight (lord.search.least_sensitive_ranks); auto: "
                                               "lord.plans Auto"}, kept + records)

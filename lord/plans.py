@@ -197,8 +197,9 @@ class Search(RankPlan):
                             "its factorizations and sensitivity_ids; use lord.decompose_model")
         auto, sens, _ = Auto()._solve(ctx)
         weights = ctx.weights if ctx.weights is not None else sens.weights
-        candidates = {"auto": auto, **least_sensitive_ranks(ctx.groups, weights, self._target(ctx))}
-        ranks, found = search_plan(ctx.model, ctx.groups, ctx.facts, ctx.sensitivity_ids, self._target(ctx),
+        target = self._target(ctx)
+        candidates = {"auto": auto, **least_sensitive_ranks(ctx.groups, weights, target)}
+        ranks, found = search_plan(ctx.model, ctx.groups, ctx.facts, ctx.sensitivity_ids, target,
                                    candidates=candidates, progress=ctx.progress,
                                    validation_ids=ctx.validation_ids)
         return ranks, sens, found
