@@ -27,7 +27,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from bench.common import RESULTS, write_results  # noqa: E402
 
 VARIANTS = {"minmax": {}, "mse": {"grid": "mse"}, "mse+act_order": {"grid": "mse", "act_order": True},
-            "minmax+act_order": {"act_order": True}}
+            "minmax+act_order": {"act_order": True}, "minmax+32seqs": {"n_seqs": 32},
+            "minmax+g64": {"group_size": 64}, "minmax+wide2": {"wide_layers": (0, -1)},
+            "minmax+wide4": {"wide_layers": (0, 1, -2, -1)}}
 
 
 def main() -> None:
@@ -44,7 +46,7 @@ def main() -> None:
     ap.add_argument("--n-windows", type=int, default=preset["evaluate"]["n_windows"])
     args = ap.parse_args()
 
-    quant_kw = {k: v for k, v in preset["quantize"].items() if k not in ("grid", "act_order")}
+    quant_kw = dict(preset["quantize"])
     cfg_ppl = PerplexityConfig(seq_len=preset["evaluate"]["seq_len"], n_windows=args.n_windows, batch_size=4)
     files = code_split().heldout
     meta = json.loads((args.base / "metrics.json").read_text()) if (args.base / "metrics.json").exists() else {}
@@ -62,7 +64,7 @@ def main() -> None:
     ppl_float = ppl_of(args.base)
     print({"base": label, "ppl_float": ppl_float}, flush=True)
     for variant in args.variants:
-        cfg = QuantConfig(bits=4, **quant_kw, **VARIANTS[variant])
+        cfg = QuantConfig(bits=4, **{**quant_kw, **VARIANTS[variant]})
         with tempfile.TemporaryDirectory(prefix="quant-grid-") as tmp:
             out = Path(tmp) / "q"
             t0 = time.perf_counter()

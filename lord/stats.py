@@ -124,12 +124,23 @@ def collect_stats(model: nn.Module, groups: list[Group], ids: torch.Tensor, batc
         raise LordError(f"calibration ids have shape {tuple(ids.shape)}; expected [n_seqs, seq_len]")
     collector = GramCollector(model, groups, accumulate_dtype, statistic)
     device = next(model.parameters()).device
+    body = _body(model, groups)
     try:
         for i in tqdm(range(0, ids.shape[0], batch_size), desc="calibration", disable=not progress):
-            model(input_ids=ids[i:i + batch_size].to(device), use_cache=False)
+            body(input_ids=ids[i:i + batch_size].to(device), use_cache=False)
     finally:
         collector.remove()
     return collector.result()
+
+
+def _body(model: nn.Module, groups: list[Group]) -> nn.Module:
+    """The model without its LM head when every group lives in the body: statistics never need the logits, a
+    vocabulary-wide matmul that is 14% of the trimmed 0.5B's forward and 27% of the untrimmed one's."""
+    prefix = getattr(model, "base_model_prefix", "")
+    body = getattr(model, prefix, None) if prefix else None
+    if isinstance(body, nn.Module) and all(m.startswith(prefix + ".") for g in groups for m in g.members):
+        return body
+    return model
 
 
 def save_stats(path: Path, stats: dict[str, GroupStats], groups: list[Group], meta: dict) -> None:

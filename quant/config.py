@@ -29,6 +29,10 @@ class QuantConfig:
     space by a random orthogonal matrix so ``up``'s Hessian is no longer diagonal; ``down_bits`` / ``up_bits`` give the
     factors their own width (None: ``bits``). Dense linears ignore all five. ``grid="mse"`` clips every
     group's grid to its lowest rounding error instead of spanning min..max (quant.grid.fit_grid_mse).
+
+    ``wide_layers`` (decoder layer indices, negative from the end) are quantized at ``wide_bits`` instead, every
+    linear and factor in them: the first and last layers of a small model take most of its 4-bit loss (the
+    layer-wise precision of llama.cpp's Q4_K_M and of mixed-precision GPTQ), and a few of them cost little size.
     """
 
     bits: int = 4
@@ -52,6 +56,8 @@ class QuantConfig:
     down_bits: int | None = None
     up_bits: int | None = None
     grid: str = "minmax"
+    wide_layers: tuple[int, ...] = ()
+    wide_bits: int = 8
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -60,6 +66,13 @@ class QuantConfig:
             raise QuantError(f"grid={self.grid!r}; expected one of {GRIDS}.")
         if self.grid == "mse" and self.outlier_threshold is not None:
             raise QuantError("grid='mse' with outlier_threshold: SpQR outliers fit their own grids; use one of them.")
+        if self.wide_bits not in SUPPORTED_BITS:
+            raise QuantError(f"wide_bits={self.wide_bits!r}; expected one of {SUPPORTED_BITS}, e.g. 8.")
+        object.__setattr__(self, "wide_layers", tuple(self.wide_layers))  # a JSON list from a stage config
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.wide_layers):
+            raise QuantError(f"wide_layers={self.wide_layers!r}; expected decoder layer indices, e.g. (0, 1, -2, -1).")
+        if len(set(self.wide_layers)) != len(self.wide_layers):
+            raise QuantError(f"wide_layers={self.wide_layers!r} has duplicates; give each layer once.")
         for name in ("down_bits", "up_bits"):
             v = getattr(self, name)
             if v is not None and v not in SUPPORTED_BITS:
@@ -86,6 +99,18 @@ class QuantConfig:
         for name in ("block_size", "n_seqs", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise QuantError(f"{name}={getattr(self, name)}; expected a positive integer.")
+
+    def wide_set(self, n_layers: int) -> frozenset[int]:
+        """``wide_layers`` as non-negative indices of a decoder with ``n_layers`` layers (QuantError if outside)."""
+        bad = [i for i in self.wide_layers if not -n_layers <= i < n_layers]
+        if bad:
+            raise QuantError(f"wide_layers {bad} are outside the model's {n_layers} decoder layers "
+                             f"(valid: {-n_layers}..{n_layers - 1}).")
+        out = frozenset(i % n_layers for i in self.wide_layers)
+        if len(out) != len(self.wide_layers):
+            raise QuantError(f"wide_layers={self.wide_layers!r} name one layer twice (negative indices count from "
+                             f"the end of {n_layers} layers).")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -90,6 +90,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor |
     """
     layers = decoder_layers(model)
     prefix = _module_prefix(model, layers)
+    wide = cfg.wide_set(len(layers))
     for i, layer in enumerate(layers):  # fail before any work if a group size does not fit
         factors = _factor_linears(layer)
         for name, lin in target_linears(layer).items():
@@ -104,7 +105,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor |
                 balance_factors_(layer)
         if cfg.method == "rtn":
             for i, layer in enumerate(tqdm(layers, desc="rtn", unit="layer")):
-                _quantize_layer(layer, f"{prefix}.{i}", cfg, None, report)
+                _quantize_layer(layer, f"{prefix}.{i}", cfg, None, report, cfg.wide_bits if i in wide else None)
         else:
             if calib_ids is None or calib_ids.numel() == 0:
                 raise QuantError(
@@ -114,7 +115,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor |
             stream = forward.capture(model, calib_ids, 0, cfg.batch_size)
             for i, layer in tqdm(forward.walk(model, stream), total=len(layers), desc="gptq", unit="layer"):
                 stats = _collect_hessians(layer, stream)
-                _quantize_layer(layer, f"{prefix}.{i}", cfg, stats, report)
+                _quantize_layer(layer, f"{prefix}.{i}", cfg, stats, report, cfg.wide_bits if i in wide else None)
         _round_unquantized_(model, torch.float16)
     report.seconds = time.perf_counter() - t0
     return report
@@ -129,7 +130,8 @@ def _round_unquantized_(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def _quantize_layer(
-    layer: nn.Module, name: str, cfg: QuantConfig, stats: dict[str, GPTQ] | None, report: QuantReport
+    layer: nn.Module, name: str, cfg: QuantConfig, stats: dict[str, GPTQ] | None, report: QuantReport,
+    wide_bits: int | None = None,
 ) -> None:
     parents = _parents_of(layer)
     factors = _factor_linears(layer)
@@ -137,7 +139,7 @@ def _quantize_layer(
     for sub, lin in target_linears(layer).items():
         full = f"{name}.{sub}"
         partial = id(lin) in factors
-        bits = plan.bits(sub)
+        bits = wide_bits if wide_bits is not None else plan.bits(sub)
         weight = plan.weight_for(sub, lin, stats)
         if stats is None:
             qw = rtn_quantize(weight, bits, cfg.group_size, cfg.sym, name=full, allow_partial=partial,

@@ -123,6 +123,32 @@ def test_gram_mean_count_match_captured_inputs(tiny_llama, calib_ids, tmp_path):
         lord.load_stats(tmp_path / "s.safetensors", ["model.layers.1.mlp.down_proj"])
 
 
+def test_statistics_skip_the_lm_head_but_not_a_group_in_it(tiny_any, calib_ids):
+    """Groups in the body: the head never runs and the Grams equal a full forward's; a hand-made group on the
+    head itself needs the full model."""
+    from lord.stats import GramCollector
+    from lord.surgery import Group
+
+    groups = lord.find_groups(tiny_any)
+    head_calls = []
+    head = tiny_any.get_output_embeddings()
+    h = head.register_forward_hook(lambda *_: head_calls.append(1))
+    stats = lord.collect_stats(tiny_any, groups, calib_ids, batch_size=4, progress=False)
+    assert head_calls == []
+    ref = GramCollector(tiny_any, groups)
+    with torch.no_grad():
+        for i in range(0, calib_ids.shape[0], 4):
+            tiny_any(input_ids=calib_ids[i:i + 4], use_cache=False)
+    ref.remove()
+    for name, s in ref.result().items():
+        assert torch.equal(stats[name].gram, s.gram) and stats[name].n_tokens == s.n_tokens
+    head_name = next(n for n, m in tiny_any.named_modules() if m is head)
+    on_head = [Group("head", (head_name,), head.in_features, (head.out_features,))]
+    lord.collect_stats(tiny_any, on_head, calib_ids, batch_size=4, progress=False)
+    h.remove()
+    assert head_calls
+
+
 def test_output_side_statistics_give_the_input_side_factors(tiny_any, calib_ids, tmp_path):
     # "auto" keeps Y^T Y (m x m) for a single narrowing linear instead of X^T X (n x n): same C = W G W^T,
     # so every method's error curve and factors must agree with the input-side ones

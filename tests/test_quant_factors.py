@@ -181,3 +181,34 @@ def test_rotation_is_exact_in_float_and_lets_gptq_beat_rounding_on_up(tiny_qwen2
     rot = rotation(down.shape[0]).float()
     gptq_r, _ = up_error(up @ rot, rot.T @ down)
     assert gptq_r < 0.9 * gptq
+
+
+def test_wide_layers_take_their_width_and_round_trip(tiny_qwen2, calib_ids, tmp_path):
+    _factor(tiny_qwen2, rank=24)
+    ref = logits(tiny_qwen2, calib_ids)
+    narrow = copy.deepcopy(tiny_qwen2)
+    quantize_model(narrow, QuantConfig(bits=3, group_size=16), calib_ids)
+    last = len(tiny_qwen2.model.layers) - 1
+    cfg = QuantConfig(bits=3, group_size=16, wide_layers=(-last - 1,), wide_bits=8)  # layer 0, from the end
+    report = quantize_model(tiny_qwen2, cfg, calib_ids)
+    widths = {n: v["storage_bits"] / v["n_weights"] for n, v in report.layers.items()}
+    assert any(n.startswith(f"model.layers.{last}.") for n in widths)
+    assert all((w > 8) == n.startswith("model.layers.0.") for n, w in widths.items())
+    # layer 0's share of the 3-bit error is gone from the output
+    assert rel_err(logits(tiny_qwen2, calib_ids), ref) < rel_err(logits(narrow, calib_ids), ref)
+    out = logits(tiny_qwen2, calib_ids)
+    save_quantized(tiny_qwen2, None, tmp_path, cfg)
+    reloaded, _ = load_quantized(tmp_path)
+    assert reloaded.model.layers[0].self_attn.o_proj.bits == 8
+    assert reloaded.model.layers[last].self_attn.o_proj.bits == 3
+    assert torch.equal(logits(reloaded, calib_ids), out)
+
+
+@pytest.mark.parametrize("wide", [(0, 0), (0, 99), (1, -1)])
+def test_bad_wide_layers_are_rejected_before_any_work(tiny_qwen2, calib_ids, wide):
+    """A duplicate, a layer the model lacks, and two names of one layer (the tiny model has 2 layers)."""
+    assert len(tiny_qwen2.model.layers) == 2
+    before = {k: v.clone() for k, v in tiny_qwen2.state_dict().items()}
+    with pytest.raises(QuantError, match="wide_layers"):
+        quantize_model(tiny_qwen2, QuantConfig(bits=4, group_size=16, wide_layers=wide), calib_ids)
+    assert all(torch.equal(v, tiny_qwen2.state_dict()[k]) for k, v in before.items())
