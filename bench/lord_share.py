@@ -32,6 +32,7 @@ def main() -> None:
     from bench.plan_bench import load_base, plan_parser
     from flows.presets import PRESETS
     from lord.config import DecomposeConfig
+    from lord.errors import LordError
     from lord.plans import rank_plan
     from lord.ranks import removal_target
     from lord.search import least_sensitive_ranks
@@ -41,6 +42,9 @@ def main() -> None:
     preset = PRESETS["default"]
     ap = plan_parser(__doc__, preset)
     ap.add_argument("--targets", nargs="+", default=list(preset["decompose"]["targets"]))
+    ap.add_argument("--auto-fractions", nargs="*", type=float, default=[],
+                    help="also the auto plan over the least sensitive share of the groups")
+    ap.add_argument("--only", nargs="*", default=None, help="evaluate only plans whose label starts with these")
     args = ap.parse_args()
     base = load_base(args.model, args.stats, preset, args.n_windows, tuple(args.targets))
     groups, total = base.groups, base.total
@@ -55,13 +59,26 @@ def main() -> None:
              "auto (Fisher-weighted curves)": rank_plan(groups, total, "auto", reduction=args.reduction,
                                                         curves=curves, weights=weights)}
     plans.update(least_sensitive_ranks(groups, weights, target, FRACTIONS))
+    order = sorted(groups, key=lambda g: weights[g.name])
+    for frac in args.auto_fractions:  # the auto plan's error curves, over the least sensitive share only
+        k = max(1, round(frac * len(groups)))
+        try:
+            sub = rank_plan(order[:k], total, "auto", reduction=args.reduction, curves=curves, weights=weights)
+        except LordError as e:
+            print(f"auto over {k}/{len(groups)}: {e}", flush=True)
+            continue
+        plans[f"auto over least-sensitive {k}/{len(groups)}"] = {g.name: sub.get(g.name) for g in groups}
     point = {"reduction": args.reduction, "targets": args.targets}
     old = RESULTS / "lord_share.json"
+    measured = [label for label in plans if args.only is None or label.startswith(tuple(args.only))]
+    # other (reduction, targets) points stay, and with --only this point's other plans too
     kept = [r for r in (json.loads(old.read_text())["records"] if old.exists() else [])
-            if {k: r.get(k) for k in point} != point]  # other (reduction, targets) points stay
+            if {k: r.get(k) for k in point} != point or (args.only is not None and r["plan"] not in measured
+                                                         and r["plan"] != "dense")]
     records = [{**point, "plan": "dense", "ppl": base.dense_ppl(), "param_reduction": 0.0}]
     print(records[0], flush=True)
-    for label, ranks in plans.items():
+    for label in measured:
+        ranks = plans[label]
         rec = {**point, "plan": label, **base.evaluate(ranks, records[0]["ppl"]),
                "ranks": {g.name: ranks.get(g.name) for g in groups if ranks.get(g.name) is not None}}
         print({k: v for k, v in rec.items() if k != "ranks"}, flush=True)
