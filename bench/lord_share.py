@@ -35,7 +35,7 @@ def main() -> None:
     from lord.errors import LordError
     from lord.plans import rank_plan
     from lord.ranks import removal_target
-    from lord.search import least_sensitive_ranks
+    from lord.search import least_sensitive, least_sensitive_ranks
     from lord.sensitivity import fisher_sensitivities
     from sources import calibration_batches, code_split
 
@@ -59,15 +59,14 @@ def main() -> None:
              "auto (Fisher-weighted curves)": rank_plan(groups, total, "auto", reduction=args.reduction,
                                                         curves=curves, weights=weights)}
     plans.update(least_sensitive_ranks(groups, weights, target, FRACTIONS))
-    order = sorted(groups, key=lambda g: weights[g.name])
     for frac in args.auto_fractions:  # the auto plan's error curves, over the least sensitive share only
-        k = max(1, round(frac * len(groups)))
+        share = least_sensitive(groups, weights, frac)
         try:
-            sub = rank_plan(order[:k], total, "auto", reduction=args.reduction, curves=curves, weights=weights)
+            sub = rank_plan(share, total, "auto", reduction=args.reduction, curves=curves, weights=weights)
         except LordError as e:
-            print(f"auto over {k}/{len(groups)}: {e}", flush=True)
+            print(f"auto over {len(share)}/{len(groups)}: {e}", flush=True)
             continue
-        plans[f"auto over least-sensitive {k}/{len(groups)}"] = {g.name: sub.get(g.name) for g in groups}
+        plans[f"auto over least-sensitive {len(share)}/{len(groups)}"] = {g.name: sub.get(g.name) for g in groups}
     point = {"reduction": args.reduction, "targets": args.targets}
     old = RESULTS / "lord_share.json"
     measured = [label for label in plans if args.only is None or label.startswith(tuple(args.only))]

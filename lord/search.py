@@ -65,16 +65,21 @@ def least_sensitive_ranks(groups: list[Group], weights: Mapping[str, float], tar
                           fractions: tuple[float, ...] = SUBSET_FRACTIONS) -> dict[str, dict[str, int | None]]:
     """``{label: ranks}``: for each fraction, the uniform plan over that share of the groups with the lowest
     sensitivity weight (the rest dense), when that share can meet ``target``. Ties keep the groups' order."""
-    order = sorted(groups, key=lambda g: weights.get(g.name, math.inf))
     out: dict[str, dict[str, int | None]] = {}
     for frac in fractions:
-        k = max(1, math.ceil(frac * len(groups)))
-        if k >= len(groups):
+        share = least_sensitive(groups, weights, frac)
+        if len(share) >= len(groups):
             continue
-        sub = parity_fraction_ranks(order[:k], target)
+        sub = parity_fraction_ranks(share, target)
         if sub is not None:
-            out[f"least-sensitive {k}/{len(groups)}"] = {g.name: sub.get(g.name) for g in groups}
+            out[f"least-sensitive {len(share)}/{len(groups)}"] = {g.name: sub.get(g.name) for g in groups}
     return out
+
+
+def least_sensitive(groups: list[Group], weights: Mapping[str, float], fraction: float) -> list[Group]:
+    """The ``ceil(fraction * len(groups))`` groups with the lowest sensitivity weight (ties keep their order)."""
+    k = max(1, math.ceil(fraction * len(groups)))
+    return sorted(groups, key=lambda g: weights.get(g.name, math.inf))[:k]
 
 
 def type_ranks(groups: list[Group], mult: Mapping[str, float], target: float) -> dict[str, int | None] | None:

@@ -128,7 +128,9 @@ def test_search_reports_its_choice_in_typed_fields(tiny_llama, calib_ids):
     ctx = _model_ctx(tiny_llama, calib_ids, sensitivity_ids=calib_ids[:4], validation_ids=calib_ids[4:])
     report = get_plan("search").plan(ctx)
     assert set(report.ranks) == {g.name for g in ctx.groups}
-    assert report.search["chosen"] in ("uniform", "types", "auto") and report.sensitivity is not None
+    tried = {"uniform", "types"} | {h["candidate"] for h in report.search["history"] if "candidate" in h}
+    assert report.search["chosen"] in tried and report.sensitivity is not None
+    assert report.search["validation_loss"][report.search["chosen"]] == min(report.search["validation_loss"].values())
     assert set(report.metrics()) == {"sensitivity_seconds", "search_seconds", "search_evaluations", "search_loss",
                                      "search_loss_uniform", "search_chosen"}
     assert report.to_json()["_search"] == report.search
