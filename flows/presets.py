@@ -68,8 +68,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "decompose": {"method": "lord", "plan": "search", "reduction": 0.025, "targets": ("*.mlp.down_proj",),
                       "skip_slow": True},
         # grid minmax: on this plan's checkpoint (mostly dense weights) the clipped grid (mse) was worse, GPTQ-4
-        # 7.876 -> 7.976, and took 146 s more (bench/results/quant_grid.json)
-        "quantize": {"group_size": 128, "n_seqs": 16, "seq_len": 256},
+        # 7.876 -> 7.976, and took 146 s more (bench/results/quant_grid.json). wide_layers: the first two and
+        # last two layers at 8 bits, 7.782 (+29 MB); only the first and last, 7.943; group size 64, 7.896; 32
+        # calibration windows, 7.828 in 2x the time: one run each, within ~0.1 of one another.
+        "quantize": {"group_size": 128, "n_seqs": 16, "seq_len": 256, "wide_layers": (0, 1, -2, -1)},
         # recovery = distillation from the dense teacher (finetune.kd), bounded by time
         # no warmup: the 2-minute budget fits 1-2 steps of 51 s, and with warmup 2 the one step ran at lr 0
         "finetune": {"objective": "kd", "budget_minutes": 2.0, "steps": None, "kd_n_seqs": 24, "n_eval": 4,
