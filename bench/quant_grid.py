@@ -1,5 +1,6 @@
-"""GPTQ-4 options on a LoRD-factored checkpoint: the grid (min-max vs clipped to the lowest rounding error, ``mse``)
-and column order (``act_order``), each through the real stage and loader (``quantize_to_dir`` -> ``load_model``).
+"""GPTQ-4 options on a LoRD-factored checkpoint: the grid (min-max vs clipped to the lowest rounding error, ``mse``),
+column order (``act_order``), calibration windows, group size and decoder layers kept at 8 bits (``wide_layers``),
+each through the real stage and loader (``quantize_to_dir`` -> ``load_model``).
 
 Why: on the small model GPTQ-4 costs the LoRD checkpoint more than the dense one (issue 14 part 2), and the
 default preset's final artifact is a GPTQ-4 checkpoint. Held-out ppl on the stdlib held-out split (never
