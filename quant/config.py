@@ -106,11 +106,8 @@ class QuantConfig:
         if bad:
             raise QuantError(f"wide_layers {bad} are outside the model's {n_layers} decoder layers "
                              f"(valid: {-n_layers}..{n_layers - 1}).")
-        out = frozenset(i % n_layers for i in self.wide_layers)
-        if len(out) != len(self.wide_layers):
-            raise QuantError(f"wide_layers={self.wide_layers!r} name one layer twice (negative indices count from "
-                             f"the end of {n_layers} layers).")
-        return out
+        # on a model with few layers (0, 1, -2, -1) overlap: the union, so a preset's choice fits any depth
+        return frozenset(i % n_layers for i in self.wide_layers)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -204,9 +204,14 @@ def test_wide_layers_take_their_width_and_round_trip(tiny_qwen2, calib_ids, tmp_
     assert torch.equal(logits(reloaded, calib_ids), out)
 
 
-@pytest.mark.parametrize("wide", [(0, 0), (0, 99), (1, -1)])
+def test_wide_layers_that_overlap_on_a_shallow_model_are_their_union():
+    assert QuantConfig(wide_layers=(0, 1, -2, -1)).wide_set(2) == {0, 1}
+    assert QuantConfig(wide_layers=(0, 1, -2, -1)).wide_set(24) == {0, 1, 22, 23}
+
+
+@pytest.mark.parametrize("wide", [(0, 0), (0, 99), (-3,)])
 def test_bad_wide_layers_are_rejected_before_any_work(tiny_qwen2, calib_ids, wide):
-    """A duplicate, a layer the model lacks, and two names of one layer (the tiny model has 2 layers)."""
+    """A duplicate and layers the model lacks (the tiny model has 2 layers)."""
     assert len(tiny_qwen2.model.layers) == 2
     before = {k: v.clone() for k, v in tiny_qwen2.state_dict().items()}
     with pytest.raises(QuantError, match="wide_layers"):
