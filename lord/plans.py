@@ -206,8 +206,8 @@ class Search(RankPlan):
             try:
                 sub, _, _ = Auto()._solve(replace(ctx, groups=half, weights=weights))
             except LordError:  # the half cannot remove the target
-                sub = None
-            if sub is not None:
+                pass
+            else:
                 label = f"auto over least-sensitive {len(half)}/{len(ctx.groups)}"
                 candidates[label] = {g.name: sub.get(g.name) for g in ctx.groups}
         ranks, found = search_plan(ctx.model, ctx.groups, ctx.facts, ctx.sensitivity_ids, target,
