@@ -37,6 +37,9 @@ def main() -> None:
     from lord.ranks import removal_target
     from lord.search import least_sensitive, least_sensitive_ranks
     from lord.sensitivity import fisher_sensitivities
+    from lord.sequential import MODES
+    from lord.stages import STATS_FILE, calibration_ids_of
+    from lord.stats import load_stats
     from sources import calibration_batches, code_split
 
     preset = PRESETS["default"]
@@ -45,6 +48,9 @@ def main() -> None:
     ap.add_argument("--auto-fractions", nargs="*", type=float, default=[],
                     help="also the auto plan over the least sensitive share of the groups")
     ap.add_argument("--only", nargs="*", default=None, help="evaluate only plans whose label starts with these")
+    ap.add_argument("--calibration", default="parallel", choices=["parallel", *(f"sequential-{m}" for m in MODES)],
+                    help="sequential-*: fit the plan's factors layer by layer on the flow's calibration tokens "
+                         "(lord/sequential.py) instead of the one-shot factors; labelled '<plan> [<calibration>]'")
     args = ap.parse_args()
     base = load_base(args.model, args.stats, preset, args.n_windows, tuple(args.targets))
     groups, total = base.groups, base.total
@@ -67,6 +73,12 @@ def main() -> None:
             print(f"auto over {len(share)}/{len(groups)}: {e}", flush=True)
             continue
         plans[f"auto over least-sensitive {len(share)}/{len(groups)}"] = {g.name: sub.get(g.name) for g in groups}
+    sequential = None
+    if args.calibration != "parallel":  # the tokens the statistics were collected on, rebuilt from their record
+        stats_file = args.stats / STATS_FILE if args.stats.is_dir() else args.stats
+        ids = calibration_ids_of(base.tok, load_stats(stats_file, [])[1], stats_file)
+        sequential = (ids, args.calibration.removeprefix("sequential-"))
+        plans = {f"{label} [{args.calibration}]": r for label, r in plans.items()}
     point = {"reduction": args.reduction, "targets": args.targets}
     old = RESULTS / "lord_share.json"
     measured = [label for label in plans if args.only is None or label.startswith(tuple(args.only))]
@@ -78,7 +90,7 @@ def main() -> None:
     print(records[0], flush=True)
     for label in measured:
         ranks = plans[label]
-        rec = {**point, "plan": label, **base.evaluate(ranks, records[0]["ppl"]),
+        rec = {**point, "plan": label, **base.evaluate(ranks, records[0]["ppl"], sequential),
                "ranks": {g.name: ranks.get(g.name) for g in groups if ranks.get(g.name) is not None}}
         print({k: v for k, v in rec.items() if k != "ranks"}, flush=True)
         records.append(rec)

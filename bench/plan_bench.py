@@ -29,20 +29,28 @@ class FactoredBase:
 
         return perplexity(self.model, self.tok, self.files, self.cfg).ppl
 
-    def evaluate(self, ranks: dict, ppl_dense: float) -> dict[str, Any]:
-        """Held-out ppl of a copy of the model cut to ``ranks``, with what the cut removed."""
+    def evaluate(self, ranks: dict, ppl_dense: float, sequential: tuple[Any, str] | None = None) -> dict[str, Any]:
+        """Held-out ppl of a copy of the model cut to ``ranks``, with what the cut removed; ``sequential`` =
+        ``(calibration ids, mode)`` fits the factors layer by layer (lord/sequential.py) instead of in one shot."""
         import lord
         from evaluation.perplexity import perplexity
+        from lord.sequential import sequential_decompose
 
         cut = copy.deepcopy(self.model)
-        rep = lord.apply_ranks(cut, self.groups, self.facts, ranks, self.total, self.lin)
+        extra: dict[str, Any] = {}
         t0 = time.perf_counter()
+        if sequential is not None:
+            report = sequential_decompose(cut, self.groups, ranks, *sequential)
+            extra = {"calibration": f"sequential-{sequential[1]}", "chosen": report.chosen_counts(),
+                     "walk_seconds": round(report.seconds, 1)}
+        summary = lord.apply_ranks(cut, self.groups, self.facts, ranks, self.total, self.lin,
+                                   swap=sequential is None).metrics
+        t1 = time.perf_counter()
         ppl = perplexity(cut, self.tok, self.files, self.cfg).ppl
-        return {"ppl": ppl, "ppl_increase": ppl / ppl_dense - 1,
-                "param_reduction": rep.metrics["param_reduction"],
-                "linear_param_reduction": rep.metrics["linear_param_reduction"],
-                "n_groups_factored": rep.metrics["n_groups_factored"],
-                "eval_seconds": round(time.perf_counter() - t0, 1)}
+        return {"ppl": ppl, "ppl_increase": ppl / ppl_dense - 1, "param_reduction": summary["param_reduction"],
+                "linear_param_reduction": summary["linear_param_reduction"],
+                "n_groups_factored": summary["n_groups_factored"], "cut_seconds": round(t1 - t0, 1),
+                "eval_seconds": round(time.perf_counter() - t1, 1), **extra}
 
 
 def plan_parser(doc: str, preset: dict) -> argparse.ArgumentParser:

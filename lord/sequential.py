@@ -11,7 +11,9 @@ factored layer only up to that group (a hook stops the forward there).
 
 Modes: ``stats`` = plain LoRD on the compressed inputs' statistics (measured 0.91x the one-shot ppl increase,
 shared/DESIGN.md); ``compensate`` = the best of lord/regression.py's candidates per group on held-out
-calibration sequences (target the dense output). Ranks come from a plan made on the dense statistics
+calibration sequences (target the dense output); ``stable`` = the same choice without the ``ridge-*`` candidates,
+whose inverse of the compressed Gram fits the calibration code rather than code in general (on the 0.5B they won
+66 of 96 groups and made the model worse end to end, README). Ranks come from a plan made on the dense statistics
 (lord/plans.py); this walk changes the factors, never the ranks.
 """
 
@@ -27,12 +29,12 @@ from tqdm.auto import tqdm
 
 from forward import capture, run_layer, walk
 from lord.errors import LordError
-from lord.regression import Compensation, PairMoments, compensate
+from lord.regression import Compensation, PairMoments, candidate_names, compensate
 from lord.stats import stat_side
 from lord.surgery import Group, factor_group, stacked_weight
 
 CALIBRATIONS = ("parallel", "sequential")
-MODES = ("stats", "compensate")
+MODES = ("stats", "compensate", "stable")
 
 
 @dataclass
@@ -116,6 +118,14 @@ def _group_inputs(model: nn.Module, layer: nn.Module, groups: list[Group], hidde
     return {name: torch.cat(xs) for name, xs in seen.items()}, outputs
 
 
+def _allowed(mode: str) -> tuple[str, ...] | None:
+    if mode == "stats":
+        return ("stats",)
+    if mode == "stable":
+        return tuple(n for n in candidate_names() if not n.startswith("ridge-"))
+    return None
+
+
 def _fit_group(model: nn.Module, g: Group, rank: int, x: torch.Tensor, x_c: torch.Tensor,
                val_rows: torch.Tensor, mode: str) -> Compensation:
     w, _ = stacked_weight(model, g)
@@ -127,7 +137,7 @@ def _fit_group(model: nn.Module, g: Group, rank: int, x: torch.Tensor, x_c: torc
     fit = PairMoments.of(x[~val_rows].flatten(0, 1), x_c[~val_rows].flatten(0, 1))
     val = PairMoments.of(x[val_rows].flatten(0, 1), x_c[val_rows].flatten(0, 1))
     del x, x_c
-    result = compensate(space_map, fit, val, rank, allowed=("stats",) if mode == "stats" else None)
+    result = compensate(space_map, fit, val, rank, allowed=_allowed(mode))
     down = result.down @ w if stat_side(g) == "output" else result.down
     factor_group(model, g, result.up, down)
     return result

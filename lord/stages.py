@@ -85,7 +85,7 @@ def decompose_to_dir(model: str, stats: Path, cfg: DecomposeConfig, out_dir: Pat
                                       seq_len=cfg.sensitivity_seq_len, seed=cfg.sensitivity_seed + 1000)
     calib_ids = None
     if cfg.calibration == "sequential":  # the walk replays the statistics' own tokens (checked by their hash)
-        calib_ids = _calibration_ids(tok, meta, stats)
+        calib_ids = calibration_ids_of(tok, meta, stats)
     report = decompose_model(m, group_stats, cfg, sensitivity_ids=sens_ids, validation_ids=val_ids,
                              calibration_ids=calib_ids)
     info = {"method": cfg.method, "plan": cfg.plan, "config": cfg.to_dict(), "source_model": str(model),
@@ -113,7 +113,7 @@ def write_lord_dir(model, tok, out_dir: Path, groups: dict, info: dict, metrics:
         write_artifact_meta(tmp, "lord", source=source, **info)
 
 
-def _calibration_ids(tok, meta: dict, stats: Path):
+def calibration_ids_of(tok, meta: dict, stats: Path):
     """The calibration batch the statistics were collected on, rebuilt from their recorded config."""
     from sources import batches_digest, calibration_batches, code_split
 
