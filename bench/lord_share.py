@@ -33,9 +33,9 @@ def main() -> None:
     from flows.presets import PRESETS
     from lord.config import DecomposeConfig
     from lord.errors import LordError
-    from lord.plans import rank_plan
+    from lord.plans import PlanContext, auto_over_share, rank_plan
     from lord.ranks import removal_target
-    from lord.search import least_sensitive, least_sensitive_ranks
+    from lord.search import least_sensitive_ranks
     from lord.sensitivity import fisher_sensitivities
     from lord.sequential import MODES
     from lord.stages import STATS_FILE, calibration_ids_of
@@ -65,14 +65,14 @@ def main() -> None:
              "auto (Fisher-weighted curves)": rank_plan(groups, total, "auto", reduction=args.reduction,
                                                         curves=curves, weights=weights)}
     plans.update(least_sensitive_ranks(groups, weights, target, FRACTIONS))
+    ctx = PlanContext(groups, total, args.reduction, None, curves, weights)
     for frac in args.auto_fractions:  # the auto plan's error curves, over the least sensitive share only
-        share = least_sensitive(groups, weights, frac)
         try:
-            sub = rank_plan(share, total, "auto", reduction=args.reduction, curves=curves, weights=weights)
+            label, sub = auto_over_share(ctx, frac)
         except LordError as e:
-            print(f"auto over {len(share)}/{len(groups)}: {e}", flush=True)
+            print(f"auto over {frac:.3g} of the groups: {e}", flush=True)
             continue
-        plans[f"auto over least-sensitive {len(share)}/{len(groups)}"] = {g.name: sub.get(g.name) for g in groups}
+        plans[label] = sub
     sequential = None
     if args.calibration != "parallel":  # the tokens the statistics were collected on, rebuilt from their record
         stats_file = args.stats / STATS_FILE if args.stats.is_dir() else args.stats

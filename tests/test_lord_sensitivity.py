@@ -249,6 +249,24 @@ def test_least_sensitive_ranks_cut_the_cheapest_share_deeper():
     assert "least-sensitive 2/8" not in big and "least-sensitive 3/8" in big
 
 
+def test_auto_over_share_leaves_the_sensitive_groups_dense_and_meets_the_target():
+    """The auto plan restricted to the least sensitive half: the other half stays dense, the target is met, and a
+    share that cannot remove it is refused with a LordError (search then skips that candidate)."""
+    from lord.plans import PlanContext, auto_over_share
+    from lord.surgery import Group
+
+    groups = [Group(f"l{i}.down", (f"l{i}.down",), 4864, (896,), i, "down") for i in range(8)]
+    weights = {g.name: w for g, w in zip(groups, (9.0, 1.0, 8.0, 2.0, 7.0, 3.0, 6.0, 4.0), strict=True)}
+    curves = {g.name: torch.linspace(1.0, 0.0, 897) ** 2 * (1 + g.layer) for g in groups}  # later: steeper
+    total = 10 ** 8
+    label, ranks = auto_over_share(PlanContext(groups, total, 0.01, None, curves, weights), 0.5)
+    assert label == "auto over least-sensitive 4/8" and set(ranks) == {g.name for g in groups}
+    assert {n for n, r in ranks.items() if r is not None} <= {"l1.down", "l3.down", "l5.down", "l7.down"}
+    assert lord.plan_summary(groups, ranks, total)["params_removed"] >= 0.01 * total
+    with pytest.raises(LordError):  # 2 of 8 groups cannot remove 30% of all their parameters
+        auto_over_share(PlanContext(groups, 8 * 896 * 4864, 0.3, None, curves, weights), 0.25)
+
+
 def test_search_over_one_type_measures_each_distinct_plan_once(tiny_llama):
     """With a single group type every multiplier re-plans the same uniform cut; the loss is measured once per
     distinct plan (the search's cost on the default preset, which factors down_proj only)."""
