@@ -1,0 +1,91 @@
+"""Which code a compression step hurts: held-out ppl of several checkpoints on three kinds of text.
+
+Why: on the default preset the float LoRD checkpoint is +4.1% stdlib ppl yet passes 49/164 HumanEval problems
+where dense passes 65 and vocab + GPTQ-4 (+9.3% ppl) 53 (quality.json). Stdlib ppl may not see what HumanEval
+needs. Domains (none is ever calibrated on):
+* ``stdlib``: the flow's held-out split of the CPython stdlib (the evaluate stage's protocol);
+* ``project``: the held-out split of another project's code (an installed pure-Python package, recursive);
+* ``humaneval``: the 164 HumanEval prompts followed by their canonical solutions (docstring -> code, the
+  benchmark's own text; measured, never trained or calibrated on).
+Each checkpoint's ppl_increase is against the first ``--models`` entry (dense). Writes bench/results/domain_ppl.json.
+
+    OMP_NUM_THREADS=2 flock /tmp/lord-heavy.lock .venv/bin/python bench/domain_ppl.py \
+        --models dense=qwen2.5-coder-0.5b lord=runs/decompose/<key> gptq=runs/quantize/<key>
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from bench.common import write_results  # noqa: E402
+
+
+def humaneval_files(tmp: Path) -> list[Path]:
+    """One file per problem: prompt + canonical solution, in file order."""
+    from sources.humaneval import load_humaneval
+
+    files = []
+    for i, p in enumerate(load_humaneval()):
+        f = tmp / f"{i:03d}.py"
+        f.write_text(p.prompt + p.canonical_solution, encoding="utf-8")
+        files.append(f)
+    return files
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"package {name!r} is not installed (pick another with --project)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", required=True, metavar="LABEL=SPEC",
+                    help="checkpoints (any lord load spec); the first is the reference (dense)")
+    ap.add_argument("--project", default="networkx", help="installed package whose held-out files are 'project'")
+    ap.add_argument("--n-windows", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    args = ap.parse_args()
+    from evaluation.perplexity import PerplexityConfig, perplexity
+    from sources import code_split, load_model
+
+    cfg = PerplexityConfig(seq_len=args.seq_len, n_windows=args.n_windows, batch_size=4)
+    models = [m.split("=", 1) for m in args.models]
+    if any(len(m) != 2 for m in models):
+        raise SystemExit("--models entries are LABEL=SPEC")
+    with tempfile.TemporaryDirectory() as tmp:
+        domains = {"stdlib": code_split().heldout, "project": code_split(package_dir(args.project)).heldout,
+                   "humaneval": humaneval_files(Path(tmp))}
+        records: list[dict] = []
+        ref: dict[str, float] = {}
+        for label, spec in models:
+            model, tok = load_model(spec)
+            for domain, files in domains.items():
+                t0 = time.perf_counter()
+                ppl = perplexity(model, tok, files, cfg, progress=False).ppl
+                ref.setdefault(domain, ppl)
+                rec = {"model": label, "spec": spec, "domain": domain, "ppl": round(ppl, 4),
+                       "ppl_increase": round(ppl / ref[domain] - 1, 4), "seconds": round(time.perf_counter() - t0, 1)}
+                print(rec, flush=True)
+                records.append(rec)
+            del model
+            gc.collect()
+    write_results("domain_ppl", {"ppl": cfg.to_dict(), "reference": models[0][0], "project": args.project,
+                                 "domains": {"stdlib": "CPython stdlib held-out split (evaluate stage)",
+                                             "project": f"held-out split of the installed {args.project} package",
+                                             "humaneval": "164 x (prompt + canonical solution), in order"}},
+                  records)
+
+
+if __name__ == "__main__":
+    main()
