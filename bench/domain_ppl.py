@@ -7,7 +7,8 @@ needs. Domains (none is ever calibrated on):
 * ``project``: the held-out split of another project's code (an installed pure-Python package, recursive);
 * ``humaneval``: the 164 HumanEval prompts followed by their canonical solutions (docstring -> code, the
   benchmark's own text; measured, never trained or calibrated on).
-Each checkpoint's ppl_increase is against the first ``--models`` entry (dense). Writes bench/results/domain_ppl.json.
+Each checkpoint's ``bpb_increase`` (bits per byte: comparable across tokenizers, unlike ppl per token once the
+vocabulary is trimmed) is against the first ``--models`` entry (dense). Writes bench/results/domain_ppl.json.
 
     OMP_NUM_THREADS=2 flock /tmp/lord-heavy.lock .venv/bin/python bench/domain_ppl.py \
         --models dense=qwen2.5-coder-0.5b lord=runs/decompose/<key> gptq=runs/quantize/<key>
@@ -72,10 +73,12 @@ def main() -> None:
             model, tok = load_model(spec)
             for domain, files in domains.items():
                 t0 = time.perf_counter()
-                ppl = perplexity(model, tok, files, cfg, progress=False).ppl
-                ref.setdefault(domain, ppl)
-                rec = {"model": label, "spec": spec, "domain": domain, "ppl": round(ppl, 4),
-                       "ppl_increase": round(ppl / ref[domain] - 1, 4), "seconds": round(time.perf_counter() - t0, 1)}
+                res = perplexity(model, tok, files, cfg, progress=False)
+                ref.setdefault(domain, res.bits_per_byte)
+                rec = {"model": label, "spec": spec, "domain": domain, "ppl": round(res.ppl, 4),
+                       "bits_per_byte": round(res.bits_per_byte, 5), "n_tokens": res.n_tokens,
+                       "bpb_increase": round(res.bits_per_byte / ref[domain] - 1, 4),
+                       "seconds": round(time.perf_counter() - t0, 1)}
                 print(rec, flush=True)
                 records.append(rec)
             del model

@@ -313,6 +313,9 @@ def _library_commands(sub: argparse._SubParsersAction) -> None:
     size.add_argument("--keep", type=_positive, help="vocabulary size after trimming (bytes/special tokens included)")
     size.add_argument("--coverage", type=float, help="keep the most used tokens covering this fraction, e.g. 0.999")
     v.add_argument("--corpus", help="directory of .py files to count token use on (default: calibration split)")
+    v.add_argument("--packages", nargs="*", default=[], metavar="PKG",
+                   help="installed packages whose code is counted too, e.g. numpy torch (see --package-kb)")
+    v.add_argument("--package-kb", type=_positive, default=2048, help="KB of code counted per package")
     v.set_defaults(func=_cmd_vocab)
 
     f = sub.add_parser("finetune", help=LIBRARY_COMMANDS["finetune"])
@@ -363,7 +366,9 @@ def _cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_vocab(args: argparse.Namespace) -> dict[str, Any]:
     from vocab import VocabConfig, trim_to_dir
 
-    return trim_to_dir(args.model, VocabConfig(keep=args.keep, coverage=args.coverage, corpus=args.corpus), args.out)
+    cfg = VocabConfig(keep=args.keep, coverage=args.coverage, corpus=args.corpus, packages=tuple(args.packages),
+                      package_kb=args.package_kb)
+    return trim_to_dir(args.model, cfg, args.out)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:

@@ -116,6 +116,10 @@ def implicit_inputs(stage: str, cfg: dict[str, Any]) -> dict[str, Any]:
         out["corpus"] = code_split(root).digest
     if stage == "vocab" and cfg.get("corpus"):
         out["corpus"] = content_digest(Path(cfg["corpus"]).expanduser())
+    if stage == "vocab" and cfg.get("packages"):  # the installed code token use is also counted on
+        from sources.instructions import installed_versions
+
+        out["packages"] = installed_versions(tuple(cfg["packages"]))
     if stage == "refine":  # calibration windows of a user code directory, or the stdlib's; a named teacher's weights
         out["corpus"] = code_split(cfg.get("data")).digest
         if cfg.get("teacher"):

@@ -192,6 +192,30 @@ def test_keep_below_required_and_bad_config_raise(tied_dir, corpus, tmp_path):
         VocabConfig(coverage=1.5)
 
 
+def test_package_code_is_counted_too_in_a_fixed_sample(tied_dir, corpus, tmp_path):
+    """``packages``: installed packages' code joins the count (a capped, fixed sample); an unknown package is a
+    clear error before any write, and the kept set changes toward the tokens that code uses."""
+    from vocab.count import package_files
+
+    files = package_files(("json", "email"), 64)
+    assert files == package_files(("json", "email"), 64)  # same order every time
+    assert {f.parent.name for f in files} >= {"json"} and sum(f.stat().st_size for f in files) <= 2 * 64 * 1024
+    assert len(package_files(("json",), 1024)) > len(package_files(("json",), 8))
+    with pytest.raises(VocabError, match="not installed"):
+        trim_to_dir(str(tied_dir), VocabConfig(keep=500, corpus=str(corpus), packages=("no_such_pkg_x",)),
+                    tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(VocabError, match="package_kb"):
+        VocabConfig(keep=500, package_kb=0)
+    base = trim_to_dir(str(tied_dir), VocabConfig(keep=500, corpus=str(corpus)), tmp_path / "a")
+    wide = trim_to_dir(str(tied_dir), VocabConfig(keep=500, corpus=str(corpus), packages=["email"]), tmp_path / "b")
+    assert wide["corpus_tokens"] > base["corpus_tokens"] and wide["corpus_packages"] == ["email"]
+    assert wide["config"]["packages"] == ("email",)
+    kept_a = json.loads((tmp_path / "a" / "kept_ids.json").read_text())
+    kept_b = json.loads((tmp_path / "b" / "kept_ids.json").read_text())
+    assert len(kept_a) == len(kept_b) == 500 and kept_a != kept_b
+
+
 @pytest.mark.parametrize("kind", ["wordpiece", "unigram"])
 def test_untrimmable_tokenizer_types_are_refused(kind, tmp_path, corpus):
     files = [str(f) for f in sorted(STDLIB.glob("*.py"))[:3]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,33 @@ def corpus_files(corpus: str | Path | None, max_files: int | None = None) -> lis
         if not files:
             raise VocabError(f"--corpus {corpus!r} holds no .py files to count token use on")
     return files[:max_files] if max_files else files
+
+
+def package_files(packages: tuple[str, ...], max_kb: int) -> list[Path]:
+    """Up to ``max_kb`` of ``.py`` files from each installed package, in sha256(relative path) order, so the
+    sample is fixed for a given installed version and spread over the package rather than its first folder."""
+    import importlib.util
+
+    files: list[Path] = []
+    for name in packages:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise VocabError(f"package {name!r} is not installed (or is a single module); the vocab corpus counts "
+                             f"token use on installed packages' code: install it or drop it from packages")
+        root = Path(next(iter(spec.submodule_search_locations)))
+        found = sorted((hashlib.sha256(str(p.relative_to(root)).encode()).hexdigest(), p)
+                       for p in root.rglob("*.py") if p.is_file())
+        budget = max_kb * 1024
+        for _, p in found:
+            size = p.stat().st_size
+            if size > budget:
+                continue
+            files.append(p)
+            budget -= size
+    return files
 
 
 def count_token_use(tokenizer: Any, files: list[Path], n_ids: int) -> list[int]:

@@ -12,7 +12,7 @@ from typing import Any
 from artifacts import atomic_dir, write_json_atomic
 from vocab.bpe import ByteLevelBPE
 from vocab.config import VocabConfig
-from vocab.count import chat_template_ids, corpus_files, count_token_use
+from vocab.count import chat_template_ids, corpus_files, count_token_use, package_files
 from vocab.errors import VocabError
 from vocab.model import slice_vocab
 from vocab.roundtrip import battery, roundtrip_failures
@@ -26,7 +26,7 @@ def trim_to_dir(model: str, cfg: VocabConfig, out_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     m, tok = load_model(model)
     bpe = read_bpe(tok)
-    files = corpus_files(cfg.corpus, cfg.max_files)
+    files = corpus_files(cfg.corpus, cfg.max_files) + package_files(cfg.packages, cfg.package_kb)
     counts = count_token_use(tok, files, bpe.n_ids)
     kept = plan_tokens(bpe, tok, counts, cfg)
     return write_trimmed(m, tok, bpe, kept, counts, out_dir, source=str(model), cfg=cfg, t0=t0)
@@ -61,7 +61,7 @@ def write_trimmed(model: Any, tokenizer: Any, bpe: ByteLevelBPE, kept: list[int]
         "vocab_before": len(tokenizer), "vocab_after": len(kept), "embedding_rows_before": info["rows_before"],
         "tied": info["tied"], "params_before": info["params_before"], "params_after": info["params_after"],
         "param_reduction": 1 - info["params_after"] / info["params_before"],
-        "corpus_tokens": total, "corpus_coverage": sum(counts[i] for i in kept) / max(total, 1),
+        "corpus_tokens": total, "corpus_packages": list(cfg.packages), "corpus_coverage": sum(counts[i] for i in kept) / max(total, 1),
         "merges_before": len(bpe.merges), "merges_after": len(spec["model"]["merges"]),
         "dropped_special_ids": info["dropped_special_ids"], "config": cfg.to_dict(),
         "missing_byte_symbols_in_original": len(bpe.missing_bytes),
