@@ -35,6 +35,7 @@ COLUMNS: dict[str, list[str]] = {
               "decode_tokens_per_second_b1", "size_mb", "size_mb_ratio"],
     "quant_interop": ["case", "loader", "bits", "group_size", "ok", "weight_max_rel_err", "logits_rel_err_vs_ours_bf16"],
     "lord_share": ["reduction", "plan", "n_groups_factored", "param_reduction", "ppl", "ppl_increase"],
+    "domain_ppl": ["model", "domain", "ppl", "bits_per_byte", "bpb_increase", "n_tokens"],
     "quant_grid": ["base", "variant", "ppl_float", "ppl", "ppl_ratio_vs_float", "size_mb", "quantize_seconds"],
 }
 # Records worth a row (the rest stay in the json): reliability's detail rows are many.
