@@ -12,6 +12,7 @@ from pathlib import Path
 from lord.config import CalibConfig, DecomposeConfig
 from lord.decompose import METHODS
 from lord.plans import PLANS
+from lord.sequential import MODES
 from lord.stats import STATISTICS
 
 
@@ -35,7 +36,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("--calibration", choices=("parallel", "sequential"), default="parallel",
                      help="sequential: layer by layer, each group fitted on the compressed model's inputs "
                           "toward the dense output (error compensation)")
-    dec.add_argument("--sequential-mode", choices=("compensate", "stats"), default="compensate")
+    dec.add_argument("--sequential-mode", choices=MODES, default="compensate",
+                     help="compensate: best candidate per group on held-out calibration tokens; stable: the same "
+                          "without the ridge regressions; stats: LoRD on the compressed inputs")
     dec.add_argument("--skip-slow", action="store_true",
                      help="leave dense the groups that would save parameters but not time (near parity) and "
                           "re-plan the cut over the rest")
