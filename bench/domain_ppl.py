@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import sys
 import tempfile
 import time
@@ -43,10 +42,12 @@ def humaneval_files(tmp: Path) -> list[Path]:
 
 
 def package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
+    from sources.instructions import package_root
+
+    root = package_root(name)
+    if root is None:
         raise SystemExit(f"package {name!r} is not installed (pick another with --project)")
-    return Path(next(iter(spec.submodule_search_locations)))
+    return root
 
 
 def main() -> None:

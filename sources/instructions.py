@@ -75,7 +75,7 @@ def build_instructions(cfg: InstructionConfig = InstructionConfig()) -> Instruct
     versions: dict[str, str] = {}
     candidates: dict[str, dict[str, str]] = {}  # keyed by normalised output, so duplicates collapse
     for package in cfg.packages:
-        root = _package_root(package)
+        root = package_root(package)
         if root is None:
             continue
         if _in_stdlib(root):
@@ -132,12 +132,16 @@ def build_instructions_file(path: Path, cfg: InstructionConfig = InstructionConf
 # ---------------------------------------------------------------------------------------------- helpers
 def installed_versions(packages: tuple[str, ...]) -> dict[str, str]:
     """``{package: version}`` of the installed ones: what the default instruction set would be mined from."""
-    return {p: _version(p) for p in packages if _package_root(p) is not None}
+    return {p: _version(p) for p in packages if package_root(p) is not None}
 
 
-def _package_root(package: str) -> Path | None:
+def package_root(package: str) -> Path | None:
+    """The directory of an installed top-level package (None: not installed, or a single module)."""
     # find_spec on a top-level name locates it without importing (and so without running) the package.
-    spec = importlib.util.find_spec(package)
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a dotted name whose parent is missing, or an empty name
+        return None
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))

@@ -18,8 +18,8 @@ class VocabConfig:
     split of ``sources.corpus.code_split()`` so the held-out split stays unseen. ``max_files`` caps the
     number of files counted (``None``: all). ``packages``: installed Python packages whose code is counted too,
     up to ``package_kb`` of each (files in a fixed path-hash order). Why: a code model meets more than the stdlib;
-    counted on the stdlib's calibration split alone, keep=65536 cost +10% ppl on another project's code and +4%
-    on HumanEval's text while the stdlib held-out saw +0.7% (bench/results/domain_ppl.json).
+    counted on the stdlib's calibration split alone, keep=65536 cost +7.3% bits/byte on another project's code and
+    +5.1% on HumanEval's text while the stdlib held-out saw +0.45% (bench/results/domain_ppl.json).
     """
 
     keep: int | None = None

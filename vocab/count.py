@@ -36,18 +36,14 @@ def corpus_files(corpus: str | Path | None, max_files: int | None = None) -> lis
 def package_files(packages: tuple[str, ...], max_kb: int) -> list[Path]:
     """Up to ``max_kb`` of ``.py`` files from each installed package, in sha256(relative path) order, so the
     sample is fixed for a given installed version and spread over the package rather than its first folder."""
-    import importlib.util
+    from sources.instructions import package_root
 
     files: list[Path] = []
     for name in packages:
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
+        root = package_root(name)
+        if root is None:
             raise VocabError(f"package {name!r} is not installed (or is a single module); the vocab corpus counts "
                              f"token use on installed packages' code: install it or drop it from packages")
-        root = Path(next(iter(spec.submodule_search_locations)))
         found = sorted((hashlib.sha256(str(p.relative_to(root)).encode()).hexdigest(), p)
                        for p in root.rglob("*.py") if p.is_file())
         budget = max_kb * 1024
