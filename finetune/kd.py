@@ -105,10 +105,12 @@ def kd_windows(tokenizer: Any, cfg: FinetuneConfig) -> tuple[torch.Tensor, dict[
     """``kd_n_seqs`` windows of ``max_seq_len`` tokens from the calibration side of the code split (the stdlib,
     or ``cfg.data`` as a directory of .py files): never the held-out files that perplexity is measured on."""
     from sources import calibration_batches, code_split
+    from sources.corpus import is_code_spec
 
-    if cfg.data and not Path(cfg.data).is_dir():
-        raise FinetuneError(f"objective='kd' reads code: data={cfg.data!r} must be a directory of .py files "
-                            f"(or None for the stdlib calibration split); instruction JSONL is for objective='sft'.")
+    if cfg.data and not is_code_spec(cfg.data):
+        raise FinetuneError(f"objective='kd' reads code: data={cfg.data!r} must be a directory of .py files or a "
+                            f"corpus mix such as 'stdlib,pkg:numpy' (None: the stdlib calibration split); "
+                            f"instruction JSONL is for objective='sft'.")
     split = code_split(cfg.data) if cfg.data else code_split()
     ids = calibration_batches(tokenizer, split.calibration, n_seqs=cfg.kd_n_seqs, seq_len=cfg.max_seq_len,
                               seed=cfg.seed)

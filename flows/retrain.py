@@ -43,13 +43,24 @@ def user_overrides(corpus: str | None, data: str | None,
                    overrides: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
     """Point every stage that reads code at ``corpus`` and finetuning at ``data`` (explicit overrides win)."""
     out: dict[str, dict[str, Any]] = {}
+    from sources import SourceError, code_split
+    from sources.corpus import is_mix
+
     for path, what in ((corpus, "corpus directory"), (data, "instruction data file")):
-        if path is not None and not Path(path).expanduser().exists():
+        if path is not None and not is_mix(path) and not Path(path).expanduser().exists():
             raise FlowError(f"{what} {path!r} does not exist; pass an existing path.")
     if corpus is not None:
-        if not Path(corpus).expanduser().is_dir():
-            raise FlowError(f"corpus {corpus!r} is not a directory; pass a directory of .py files.")
-        root = str(Path(corpus).expanduser().resolve())
+        if is_mix(corpus):  # e.g. "stdlib,pkg:numpy": every root must resolve before any stage starts
+            try:
+                code_split(corpus)
+            except SourceError as e:
+                raise FlowError(f"corpus {corpus!r}: {e}") from e
+            root = corpus
+        elif not Path(corpus).expanduser().is_dir():
+            raise FlowError(f"corpus {corpus!r} is not a directory; pass a directory of .py files or a mix "
+                            f"such as 'stdlib,pkg:numpy'.")
+        else:
+            root = str(Path(corpus).expanduser().resolve())
         for stage, fld in CORPUS_FIELDS.items():
             out.setdefault(stage, {})[fld] = root
     if data is not None:

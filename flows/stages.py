@@ -115,7 +115,10 @@ def implicit_inputs(stage: str, cfg: dict[str, Any]) -> dict[str, Any]:
         root = cfg.get("corpus") or cfg.get("heldout_root") if stage in CORPUS_STAGES else None
         out["corpus"] = code_split(root).digest
     if stage == "vocab" and cfg.get("corpus"):
-        out["corpus"] = content_digest(Path(cfg["corpus"]).expanduser())
+        from sources.corpus import is_mix
+
+        out["corpus"] = (code_split(cfg["corpus"]).digest if is_mix(cfg["corpus"])
+                         else content_digest(Path(cfg["corpus"]).expanduser()))
     if stage == "vocab" and cfg.get("packages"):  # the installed code token use is also counted on
         from sources.instructions import installed_versions
 
@@ -126,8 +129,10 @@ def implicit_inputs(stage: str, cfg: dict[str, Any]) -> dict[str, Any]:
             out["teacher"] = content_hash(cfg["teacher"])
     if stage == "finetune":
         if cfg.get("data"):  # instruction JSONL (sft) or a directory of code to distil on (kd)
-            data = Path(cfg["data"]).expanduser()
-            out["data"] = code_split(data).digest if data.is_dir() else sha256_file(data)
+            from sources.corpus import is_code_spec
+
+            data = cfg["data"]
+            out["data"] = code_split(data).digest if is_code_spec(data) else sha256_file(Path(data).expanduser())
         else:
             from sources.instructions import DEFAULT_PACKAGES, installed_versions
 

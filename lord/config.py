@@ -30,7 +30,8 @@ class CalibConfig:
     ignore: tuple[str, ...] = ()
     statistic: str = "auto"
     dtype: str = "auto"  # forward dtype (sources/compute.py); Grams still accumulate fp32 per batch into fp64
-    corpus: str | None = None  # directory of .py files (its calibration split); None: the CPython stdlib
+    # a directory of .py files or a mix ("stdlib,pkg:numpy", sources.corpus); its calibration split. None: the stdlib
+    corpus: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16"):  # sources.compute.DTYPE_CHOICES

@@ -47,7 +47,7 @@ class QuantConfig:
     seq_len: int = 512
     seed: int = 0
     batch_size: int = 8
-    corpus: str | None = None  # directory of .py files for GPTQ calibration; None: the CPython stdlib
+    corpus: str | None = None  # GPTQ calibration code: a directory or a mix (as CalibConfig.corpus); None: the stdlib
     # measured on the 0.5B's LoRD -10% factors with their calibration Grams (bench/results/quant_factors.json):
     # rotate + upfit cut a group's GPTQ-4 output error 4.7x (gate_up, layer 12), to the dense weight's level
     factor_upfit: bool = True

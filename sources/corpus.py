@@ -1,8 +1,13 @@
-"""Code corpora: the CPython stdlib split by file into calibration and held-out sets, or any directory of
-``.py`` files; deterministic token streams and calibration batches drawn from them.
+"""Code corpora: the CPython stdlib split by file into calibration and held-out sets, any directory of
+``.py`` files, or a mix of roots; deterministic token streams and calibration batches drawn from them.
 
 The split is by a hash of each file's relative path, so it is stable when files are added or removed,
 and it is recorded (file lists + content digest) with every result that uses it.
+
+A mix is a comma-separated spec: ``stdlib``, ``pkg:NAME`` (an installed package's code, a fixed sample of
+``PACKAGE_KB``) or a directory, e.g. ``"stdlib,pkg:numpy,pkg:torch"``. Calibrating on one project's code fits
+the compression to it: LoRD calibrated on the stdlib alone cost about twice as much ppl on another project's
+code (networkx) and on HumanEval's text as on held-out stdlib (bench/results/domain_ppl.json).
 """
 
 from __future__ import annotations
@@ -34,34 +39,96 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+PACKAGE_PREFIX = "pkg:"
+PACKAGE_KB = 512  # per installed package in a mix: ~130k Qwen tokens, so 10 packages weigh about the stdlib's split
+
+
+def is_mix(spec: str | Path | None) -> bool:
+    """A multi-root spec (``stdlib``, ``pkg:NAME``, comma-separated) rather than one directory."""
+    if spec is None or isinstance(spec, Path):
+        return False
+    parts = [p.strip() for p in str(spec).split(",")]
+    return len(parts) > 1 or parts[0] == "stdlib" or parts[0].startswith(PACKAGE_PREFIX)
+
+
+def is_code_spec(spec: str | Path) -> bool:
+    """Something ``code_split`` reads: a directory or a mix (not, e.g., an instruction JSONL file)."""
+    return is_mix(spec) or Path(spec).expanduser().is_dir()
+
+
+def sample_files(root: Path, max_kb: int, salt: bytes = b"") -> list[Path]:
+    """Up to ``max_kb`` of ``.py`` files under ``root``, in sha256(salt + relative path) order: fixed for a given
+    installed version and spread over the package rather than its first folder; returned in path order. A mix
+    salts it so the sample is independent of ``code_split``'s held-out hash (unsalted, it was mostly held out)."""
+    found = sorted((hashlib.sha256(salt + str(p.relative_to(root)).encode()).hexdigest(), p)
+                   for p in root.rglob("*.py") if p.is_file())
+    budget, picked = max_kb * 1024, []
+    for _, p in found:
+        size = p.stat().st_size
+        if size <= budget:
+            picked.append(p)
+            budget -= size
+    return sorted(picked)
+
+
+def _root_files(item: str, package_kb: int) -> tuple[Path, list[Path]]:
+    """One root of a mix: its base directory and its ``.py`` files."""
+    if item == "stdlib":
+        base = stdlib_root()
+        return base, sorted(p for p in base.glob("*.py") if p.is_file())
+    if item.startswith(PACKAGE_PREFIX):
+        from sources.instructions import package_root
+
+        base = package_root(item[len(PACKAGE_PREFIX):])
+        if base is None:
+            raise SourceError(f"corpus root {item!r}: package not installed (or a single module); install it "
+                              f"or drop it from the corpus spec")
+        return base, sample_files(base, package_kb, salt=b"sample\0")
+    base = Path(item).expanduser()
+    if not base.is_dir():
+        raise SourceError(f"code corpus directory '{base}' does not exist; pass a directory of .py files, "
+                          f"'stdlib' or 'pkg:NAME'")
+    return base, sorted(p for p in base.rglob("*.py") if p.is_file())
+
+
 def code_split(root: str | Path | None = None, heldout_fraction: float = 0.25,
-               recursive: bool | None = None) -> CorpusSplit:
-    """Split ``.py`` files under ``root`` (default: the top level of the CPython stdlib) by path hash.
+               recursive: bool | None = None, package_kb: int = PACKAGE_KB) -> CorpusSplit:
+    """Split ``.py`` files under ``root`` (default: the top level of the CPython stdlib; or a mix, see the
+    module docstring) by path hash.
 
     A file is held out when the first 8 bytes of sha256(relative path), as a fraction of 2**64, fall
-    below ``heldout_fraction``.
+    below ``heldout_fraction``; in a mix each root is split on its own and the sides concatenated.
     """
     if not 0.0 < heldout_fraction < 1.0:
         raise SourceError(f"heldout_fraction={heldout_fraction} must be in (0, 1), e.g. 0.25")
-    base = stdlib_root() if root is None else Path(root).expanduser()
-    if not base.is_dir():
-        raise SourceError(f"code corpus directory '{base}' does not exist; pass a directory of .py files")
-    recursive = (root is not None) if recursive is None else recursive
-    files = sorted(p for p in (base.rglob("*.py") if recursive else base.glob("*.py")) if p.is_file())
-    if len(files) < 2:
-        raise SourceError(f"'{base}' holds {len(files)} .py files; need at least 2 to split into "
+    if is_mix(root):
+        items = [p.strip() for p in str(root).split(",") if p.strip()]
+        roots = [(item, *_root_files(item, package_kb)) for item in items]
+    else:
+        base = stdlib_root() if root is None else Path(root).expanduser()
+        if not base.is_dir():
+            raise SourceError(f"code corpus directory '{base}' does not exist; pass a directory of .py files")
+        recursive = (root is not None) if recursive is None else recursive
+        roots = [("", base, sorted(p for p in (base.rglob("*.py") if recursive else base.glob("*.py"))
+                                   if p.is_file()))]
+    n_files = sum(len(files) for _, _, files in roots)
+    if n_files < 2:
+        raise SourceError(f"'{root or roots[0][1]}' holds {n_files} .py files; need at least 2 to split into "
                           f"calibration and held-out sets")
     calib, held = [], []
     digest = hashlib.sha256()
-    for p in files:
-        rel = str(p.relative_to(base))
-        frac = int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big") / 2**64
-        (held if frac < heldout_fraction else calib).append(p)
-        digest.update(rel.encode() + b"\0" + p.read_bytes() + b"\0")
+    for item, base, files in roots:
+        for p in files:
+            rel = str(p.relative_to(base))
+            frac = int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big") / 2**64
+            (held if frac < heldout_fraction else calib).append(p)
+            # a single root keeps its historical digest (no root name), so existing caches stay valid
+            digest.update((f"{item}/" if item else "").encode() + rel.encode() + b"\0" + p.read_bytes() + b"\0")
     if not held or not calib:
-        raise SourceError(f"split of {len(files)} files in '{base}' left one side empty; "
+        raise SourceError(f"split of {n_files} files in '{root or roots[0][1]}' left one side empty; "
                           f"use more files or another heldout_fraction")
-    return CorpusSplit(root=str(base), calibration=calib, heldout=held, digest=digest.hexdigest())
+    name = str(root) if is_mix(root) else str(roots[0][1])
+    return CorpusSplit(root=name, calibration=calib, heldout=held, digest=digest.hexdigest())
 
 
 def read_code(files: list[Path]) -> str:

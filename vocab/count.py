@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,12 @@ CHAT_PROBE = [{"role": "system", "content": ""}, {"role": "user", "content": ""}
 def corpus_files(corpus: str | Path | None, max_files: int | None = None) -> list[Path]:
     """``.py`` files to count on: every file under ``corpus`` (recursive), or the calibration split of the
     default code corpus, so the held-out split used for evaluation is never seen."""
-    if corpus is None:
+    from sources.corpus import is_mix
+
+    if corpus is None or is_mix(corpus):  # the stdlib or a mix ("stdlib,pkg:numpy"): its calibration split
         from sources import code_split
 
-        files = list(code_split().calibration)
+        files = list(code_split(corpus).calibration)
     else:
         root = Path(corpus).expanduser()
         if not root.is_dir():
@@ -34,8 +35,8 @@ def corpus_files(corpus: str | Path | None, max_files: int | None = None) -> lis
 
 
 def package_files(packages: tuple[str, ...], max_kb: int) -> list[Path]:
-    """Up to ``max_kb`` of ``.py`` files from each installed package, in sha256(relative path) order, so the
-    sample is fixed for a given installed version and spread over the package rather than its first folder."""
+    """Up to ``max_kb`` of ``.py`` files from each installed package (``sources.corpus.sample_files``)."""
+    from sources.corpus import sample_files
     from sources.instructions import package_root
 
     files: list[Path] = []
@@ -44,15 +45,7 @@ def package_files(packages: tuple[str, ...], max_kb: int) -> list[Path]:
         if root is None:
             raise VocabError(f"package {name!r} is not installed (or is a single module); the vocab corpus counts "
                              f"token use on installed packages' code: install it or drop it from packages")
-        found = sorted((hashlib.sha256(str(p.relative_to(root)).encode()).hexdigest(), p)
-                       for p in root.rglob("*.py") if p.is_file())
-        budget = max_kb * 1024
-        for _, p in found:
-            size = p.stat().st_size
-            if size > budget:
-                continue
-            files.append(p)
-            budget -= size
+        files.extend(sample_files(root, max_kb))
     return files
 
 
