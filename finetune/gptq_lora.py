@@ -81,10 +81,13 @@ class QuantLoraLinear(_lora_linear_base()):  # type: ignore[misc]
             result = base(x)
         if self.disable_adapters:
             return result
+        out_dtype = result.dtype
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
             xa = self._cast_input_dtype(x, lora_a.weight.dtype)
             result = result + lora_b(lora_a(self.lora_dropout[name](xa))) * self.scaling[name]
-        return result
+        # as peft's own LoRA layers: a float32 adapter on a bf16 base must not promote the residual stream to
+        # float32 (the next bf16 layer, e.g. lm_head, would fail on the mixed dtypes)
+        return result.to(out_dtype)

@@ -13,7 +13,7 @@ import torch
 from test_finetune import char_tokenizer
 
 from finetune import FinetuneConfig, FinetuneError, finetune_to_dir
-from finetune.kd import resolve_teacher, teacher_topk, topk_kl
+from finetune.kd import kd_windows, resolve_teacher, teacher_topk, topk_kl
 from finetune.train import lr_factor
 
 CODE = "def add(a, b):\n    return a + b\n\n\nclass Box:\n    def __init__(self, x):\n        self.x = x\n"
@@ -105,6 +105,14 @@ def test_kd_on_a_gptq_base_finds_the_dense_teacher_through_the_chain(kd_setup, t
                         progress=False)
     assert m["base_kind"] == "gptq" and m["data"]["teacher"]["teacher"] == str(teacher)
     assert m["eval_loss_after"] < m["eval_loss_before"]
+    # evaluation loads it in the compute dtype: on a bf16 CPU the float32 adapter must not turn the residual
+    # stream float32 under a bf16 lm_head (a make run failed so)
+    from finetune.checkpoint import load_finetuned
+
+    net, _ = load_finetuned(tmp_path / "ft", dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = net(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
 
 
 def test_budget_stops_the_run_cleanly(kd_setup, tmp_path):
@@ -147,6 +155,26 @@ def test_source_chain_and_bad_inputs(tmp_path):
         FinetuneConfig(steps=None)
     with pytest.raises(FinetuneError, match="kd_n_seqs"):
         FinetuneConfig(objective="kd", kd_n_seqs=8, n_eval=8)
+
+
+def test_kd_windows_read_a_corpus_mix_and_refuse_instruction_files(tmp_path):
+    """KD data may be a mix of roots ("stdlib,pkg:numpy", dirs): windows come from its calibration side only."""
+    roots = []
+    for name in ("a", "b"):
+        d = tmp_path / name
+        d.mkdir()
+        for i in range(8):
+            (d / f"{name}{i}.py").write_text(CODE.replace("add", f"{name}_add{i}") * 4)
+        roots.append(str(d))
+    tok = char_tokenizer()
+    ids, info = kd_windows(tok, FinetuneConfig(objective="kd", data=",".join(roots), kd_n_seqs=6, n_eval=2,
+                                               max_seq_len=32))
+    assert ids.shape == (6, 32) and info["root"] == ",".join(roots)
+    assert info["n_calibration_files"] + info["n_heldout_files"] == 16
+    jsonl = tmp_path / "inst.jsonl"
+    jsonl.write_text('{"instruction": "x", "output": "y"}\n')
+    with pytest.raises(FinetuneError, match="reads code"):
+        kd_windows(tok, FinetuneConfig(objective="kd", data=str(jsonl), kd_n_seqs=6, n_eval=2))
 
 
 def test_tracker_logs_the_loss_curve_as_a_metric_history(tmp_path):

@@ -206,3 +206,14 @@ def test_cli_quantize_flags_and_eval_opt_in(tmp_path):
     assert _json.loads((out / "metrics.json").read_text())["outlier_fraction"] > 0
     assert main(["eval", "--model", TINY, "--out", str(tmp_path / "e"), "--humaneval", "--limit", "1"]) == 2
     assert not (tmp_path / "e").exists()
+
+
+def test_retrain_corpus_may_be_a_mix_and_an_unknown_root_fails_before_any_stage(tmp_path):
+    from flows.retrain import CORPUS_FIELDS, user_overrides
+
+    ov = user_overrides("stdlib,pkg:numpy", None, None)
+    assert {ov[stage][fld] for stage, fld in CORPUS_FIELDS.items()} == {"stdlib,pkg:numpy"}
+    with pytest.raises(FlowError, match="no_such_pkg_xyz.*not installed"):
+        user_overrides("stdlib,pkg:no_such_pkg_xyz", None, None)
+    with pytest.raises(FlowError, match="does not exist"):
+        user_overrides(str(tmp_path / "missing"), None, None)

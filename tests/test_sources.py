@@ -120,6 +120,31 @@ def test_user_directory_split_and_errors(tmp_path):
         code_split(tmp_path / "missing")
 
 
+def test_mix_splits_each_root_and_samples_packages_apart_from_the_heldout_hash(tmp_path):
+    from sources.corpus import is_code_spec, is_mix
+
+    for i in range(12):
+        (tmp_path / "proj" / f"m{i}.py").parent.mkdir(exist_ok=True)
+        (tmp_path / "proj" / f"m{i}.py").write_text(f"y = {i}\n")
+    spec = f"stdlib,pkg:torch,{tmp_path / 'proj'}"
+    assert is_mix(spec) and is_mix("stdlib") and not is_mix(str(tmp_path)) and is_code_spec(spec)
+    mix, stdlib, proj = code_split(spec, package_kb=256), code_split(), code_split(tmp_path / "proj")
+    assert mix.digest == code_split(spec, package_kb=256).digest and mix.digest != stdlib.digest
+    assert not set(mix.calibration) & set(mix.heldout)
+    # every single root is split as on its own: same files on the same side
+    assert set(stdlib.calibration) | set(proj.calibration) <= set(mix.calibration)
+    assert set(stdlib.heldout) | set(proj.heldout) <= set(mix.heldout)
+    torch_files = [p for p in mix.calibration + mix.heldout if "torch" in p.parts]
+    assert 0 < sum(p.stat().st_size for p in torch_files) <= 256 * 1024
+    held = [p for p in torch_files if p in set(mix.heldout)]
+    # the sample is salted: unsalted, its smallest hashes were the held-out side (~90% held out)
+    assert 0.1 < len(held) / len(torch_files) < 0.45
+    with pytest.raises(SourceError, match="not installed"):
+        code_split("stdlib,pkg:no_such_package_xyz")
+    with pytest.raises(SourceError, match="does not exist"):
+        code_split(f"stdlib,{tmp_path / 'missing'}")
+
+
 def test_calibration_batches_are_seeded_and_disjoint():
     from transformers import AutoTokenizer
 
