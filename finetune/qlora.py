@@ -30,9 +30,9 @@ def bnb_config(cfg: FinetuneConfig) -> Any:
 
     from sources.compute import compute_dtype
 
-    # NF4 dequantizes into the compute dtype: bf16 only where it is native (sources/compute.py); never fp16
-    # on CPU (~50x slower)
-    compute = compute_dtype(cfg.device)
+    # NF4 dequantizes into the compute dtype: bf16 only where it is native (sources/compute.py), or what the
+    # config's dtype asks; never fp16 on CPU (~50x slower)
+    compute = compute_dtype(cfg.device, cfg.dtype)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=compute)
 

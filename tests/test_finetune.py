@@ -56,14 +56,15 @@ def small_cfg(data_file: Path, **kw) -> FinetuneConfig:
 
 def test_stage_trains_saves_and_merges(tiny_dir, data_file, tmp_path):
     out = tmp_path / "ft"
-    metrics = finetune_to_dir(str(tiny_dir), small_cfg(data_file), out, progress=False)
+    metrics = finetune_to_dir(str(tiny_dir), small_cfg(data_file, dtype="float32"), out, progress=False)
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
     assert metrics["base_quant"] == "nf4" and metrics["double_quant"] is True
     assert metrics["steps_done"] == 8 and metrics["seconds_per_step"] > 0
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert json.loads((out / "lord_artifact.json").read_text())["kind"] == "adapter"
-    # the merged float model computes what the NF4 + LoRA model computed
-    base, tok = load_base(tiny_dir, small_cfg(data_file))
+    # the merged float model computes what the NF4 + LoRA model computed (in float32: on a bf16 CPU "auto"
+    # dequantizes NF4 into bf16, ~2e-3 off the float32 merge; the config's dtype is what bnb computes in)
+    base, tok = load_base(tiny_dir, small_cfg(data_file, dtype="float32"))
     from peft import PeftModel
 
     adapter_model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
@@ -133,7 +134,7 @@ def test_lord_base_factors_are_quantized_and_adapted(tiny_lord_dir, data_file, t
     from lord import LowRankLinear
     from sources import load_model
 
-    cfg = small_cfg(data_file)
+    cfg = small_cfg(data_file, dtype="float32")  # compared with the float32 merge below
     base, _ = load_base(tiny_lord_dir, cfg)
     factored = [n for n, m in base.named_modules() if type(m).__name__ == "LowRankLinear"]
     assert factored, "the LoRD checkpoint loaded without factored projections"
