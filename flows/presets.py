@@ -50,7 +50,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # Measured on qwen (2-core AVX2 EPYC, float32; bench/results/make_run.json): the whole run 28.8 min, over the
         # 20-min budget: ppl evaluations 60-90 s each, HumanEval/0-39 of the final variant ~200 s, vocab 38 s,
         # calibrate 133 s, decompose 338 s (search: Fisher pass 63 s, 9 loss evaluations 262 s), GPTQ-4 416 s,
-        # KD 204 s (the teacher's logits, 93 s, are cached by content: 109 s when they are).
+        # KD 204 s (the teacher's logits, 93 s, are cached by content: 109 s when they are). On a 2-core EPYC with
+        # AVX512-BF16 (bf16 compute) the same run took 11.6 min: vocab 24 s, calibrate 30 s, decompose 135 s,
+        # GPTQ-4 166 s, KD 143 s (6 steps of 16 s), final evaluation 95 s.
         # calibration tokens must exceed the widest group input (Qwen's down_proj reads 4864): with 16x256 the
         # Gram was rank-deficient and LoRD-10% cost ppl 6.95 -> 12.3 in a measured make run
         "calibrate": {"n_seqs": 32, "seq_len": 256},
