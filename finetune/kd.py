@@ -103,7 +103,7 @@ def teacher_digest(spec: str) -> str:
 
 def kd_windows(tokenizer: Any, cfg: FinetuneConfig) -> tuple[torch.Tensor, dict[str, Any]]:
     """``kd_n_seqs`` windows of ``max_seq_len`` tokens from the calibration side of the code split (the stdlib,
-    or ``cfg.data`` as a directory of .py files): never the held-out files that perplexity is measured on."""
+    or ``cfg.data``: a directory of .py files or a corpus mix): never the held-out files perplexity is measured on."""
     from sources import calibration_batches, code_split
     from sources.corpus import is_code_spec
 
@@ -111,7 +111,7 @@ def kd_windows(tokenizer: Any, cfg: FinetuneConfig) -> tuple[torch.Tensor, dict[
         raise FinetuneError(f"objective='kd' reads code: data={cfg.data!r} must be a directory of .py files or a "
                             f"corpus mix such as 'stdlib,pkg:numpy' (None: the stdlib calibration split); "
                             f"instruction JSONL is for objective='sft'.")
-    split = code_split(cfg.data) if cfg.data else code_split()
+    split = code_split(cfg.data)
     ids = calibration_batches(tokenizer, split.calibration, n_seqs=cfg.kd_n_seqs, seq_len=cfg.max_seq_len,
                               seed=cfg.seed)
     return ids, {"source": cfg.data or "stdlib", **split.describe(), "n_seqs": cfg.kd_n_seqs,

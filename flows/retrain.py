@@ -42,10 +42,10 @@ CORPUS_FIELDS = {"calibrate": "corpus", "decompose": "corpus", "quantize": "corp
 def user_overrides(corpus: str | None, data: str | None,
                    overrides: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
     """Point every stage that reads code at ``corpus`` and finetuning at ``data`` (explicit overrides win)."""
-    out: dict[str, dict[str, Any]] = {}
     from sources import SourceError, code_split
     from sources.corpus import is_mix
 
+    out: dict[str, dict[str, Any]] = {}
     for path, what in ((corpus, "corpus directory"), (data, "instruction data file")):
         if path is not None and not is_mix(path) and not Path(path).expanduser().exists():
             raise FlowError(f"{what} {path!r} does not exist; pass an existing path.")

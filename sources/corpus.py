@@ -43,12 +43,19 @@ PACKAGE_PREFIX = "pkg:"
 PACKAGE_KB = 512  # per installed package in a mix: ~130k Qwen tokens, so 10 packages weigh about the stdlib's split
 
 
-def is_mix(spec: str | Path | None) -> bool:
-    """A multi-root spec (``stdlib``, ``pkg:NAME``, comma-separated) rather than one directory."""
+def _mix_items(spec: str | Path | None) -> list[str] | None:
+    """The roots of a multi-root spec (``stdlib``, ``pkg:NAME``, comma-separated); None for one directory."""
     if spec is None or isinstance(spec, Path):
-        return False
-    parts = [p.strip() for p in str(spec).split(",")]
-    return len(parts) > 1 or parts[0] == "stdlib" or parts[0].startswith(PACKAGE_PREFIX)
+        return None
+    parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+    if len(parts) > 1 or parts[0] == "stdlib" or parts[0].startswith(PACKAGE_PREFIX):
+        return parts
+    return None
+
+
+def is_mix(spec: str | Path | None) -> bool:
+    """A multi-root spec rather than one directory."""
+    return _mix_items(spec) is not None
 
 
 def is_code_spec(spec: str | Path) -> bool:
@@ -71,11 +78,17 @@ def sample_files(root: Path, max_kb: int, salt: bytes = b"") -> list[Path]:
     return sorted(picked)
 
 
+def _py_files(base: Path, recursive: bool, hint: str = "pass a directory of .py files") -> list[Path]:
+    """The ``.py`` files of one directory root, sorted; a clear error if it is missing."""
+    if not base.is_dir():
+        raise SourceError(f"code corpus directory '{base}' does not exist; {hint}")
+    return sorted(p for p in (base.rglob("*.py") if recursive else base.glob("*.py")) if p.is_file())
+
+
 def _root_files(item: str, package_kb: int) -> tuple[Path, list[Path]]:
     """One root of a mix: its base directory and its ``.py`` files."""
     if item == "stdlib":
-        base = stdlib_root()
-        return base, sorted(p for p in base.glob("*.py") if p.is_file())
+        return stdlib_root(), _py_files(stdlib_root(), recursive=False)
     if item.startswith(PACKAGE_PREFIX):
         from sources.instructions import package_root
 
@@ -85,10 +98,7 @@ def _root_files(item: str, package_kb: int) -> tuple[Path, list[Path]]:
                               f"or drop it from the corpus spec")
         return base, sample_files(base, package_kb, salt=b"sample\0")
     base = Path(item).expanduser()
-    if not base.is_dir():
-        raise SourceError(f"code corpus directory '{base}' does not exist; pass a directory of .py files, "
-                          f"'stdlib' or 'pkg:NAME'")
-    return base, sorted(p for p in base.rglob("*.py") if p.is_file())
+    return base, _py_files(base, recursive=True, hint="pass a directory of .py files, 'stdlib' or 'pkg:NAME'")
 
 
 def code_split(root: str | Path | None = None, heldout_fraction: float = 0.25,
@@ -101,16 +111,13 @@ def code_split(root: str | Path | None = None, heldout_fraction: float = 0.25,
     """
     if not 0.0 < heldout_fraction < 1.0:
         raise SourceError(f"heldout_fraction={heldout_fraction} must be in (0, 1), e.g. 0.25")
-    if is_mix(root):
-        items = [p.strip() for p in str(root).split(",") if p.strip()]
+    items = _mix_items(root)
+    if items is not None:
         roots = [(item, *_root_files(item, package_kb)) for item in items]
     else:
         base = stdlib_root() if root is None else Path(root).expanduser()
-        if not base.is_dir():
-            raise SourceError(f"code corpus directory '{base}' does not exist; pass a directory of .py files")
         recursive = (root is not None) if recursive is None else recursive
-        roots = [("", base, sorted(p for p in (base.rglob("*.py") if recursive else base.glob("*.py"))
-                                   if p.is_file()))]
+        roots = [("", base, _py_files(base, recursive))]
     n_files = sum(len(files) for _, _, files in roots)
     if n_files < 2:
         raise SourceError(f"'{root or roots[0][1]}' holds {n_files} .py files; need at least 2 to split into "
@@ -127,7 +134,7 @@ def code_split(root: str | Path | None = None, heldout_fraction: float = 0.25,
     if not held or not calib:
         raise SourceError(f"split of {n_files} files in '{root or roots[0][1]}' left one side empty; "
                           f"use more files or another heldout_fraction")
-    name = str(root) if is_mix(root) else str(roots[0][1])
+    name = str(root) if items is not None else str(roots[0][1])
     return CorpusSplit(root=name, calibration=calib, heldout=held, digest=digest.hexdigest())
 
 
