@@ -1,6 +1,8 @@
 """GPTQ-4 options on a LoRD-factored checkpoint: the grid (min-max vs clipped to the lowest rounding error, ``mse``),
-column order (``act_order``), calibration windows, group size and decoder layers kept at 8 bits (``wide_layers``),
-each through the real stage and loader (``quantize_to_dir`` -> ``load_model``).
+column order (``act_order``), symmetric or asymmetric grids (``sym``), calibration windows, group size and decoder
+layers kept at 8 bits (``wide_layers``), each through the real stage and loader (``quantize_to_dir`` -> ``load_model``).
+Every variant starts from the default preset's quantize settings with a symmetric grid in natural column order, so
+``minmax`` stays the same baseline whatever the preset chooses.
 
 Why: on the small model GPTQ-4 costs the LoRD checkpoint more than the dense one (issue 14 part 2), and the
 default preset's final artifact is a GPTQ-4 checkpoint. Held-out ppl on the stdlib held-out split (never
@@ -30,7 +32,11 @@ from bench.common import RESULTS, write_results  # noqa: E402
 VARIANTS = {"minmax": {}, "mse": {"grid": "mse"}, "mse+act_order": {"grid": "mse", "act_order": True},
             "minmax+act_order": {"act_order": True}, "minmax+32seqs": {"n_seqs": 32},
             "minmax+g64": {"group_size": 64}, "minmax+wide2": {"wide_layers": (0, -1)},
-            "minmax+wide4": {"wide_layers": (0, 1, -2, -1)}}
+            "minmax+wide4": {"wide_layers": (0, 1, -2, -1)}, "asym": {"sym": False},
+            "asym+act_order": {"sym": False, "act_order": True},
+            "asym+act_order+64x512": {"sym": False, "act_order": True, "n_seqs": 64, "seq_len": 512},
+            "asym+act_order+v8": {"sym": False, "act_order": True, "wide_modules": ("self_attn.v_proj*",)},
+            "asym+act_order+down8": {"sym": False, "act_order": True, "wide_modules": ("mlp.down_proj*",)}}
 
 
 def main() -> None:
@@ -47,7 +53,7 @@ def main() -> None:
     ap.add_argument("--n-windows", type=int, default=preset["evaluate"]["n_windows"])
     args = ap.parse_args()
 
-    quant_kw = dict(preset["quantize"])
+    quant_kw = {**preset["quantize"], "sym": True, "act_order": False}
     cfg_ppl = PerplexityConfig(seq_len=preset["evaluate"]["seq_len"], n_windows=args.n_windows, batch_size=4)
     files = code_split().heldout
     meta = json.loads((args.base / "metrics.json").read_text()) if (args.base / "metrics.json").exists() else {}

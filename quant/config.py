@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,9 @@ class QuantConfig:
     ``wide_layers`` (decoder layer indices, negative from the end) are quantized at ``wide_bits`` instead, every
     linear and factor in them: the first and last layers of a small model take most of its 4-bit loss (the
     layer-wise precision of llama.cpp's Q4_K_M and of mixed-precision GPTQ), and a few of them cost little size.
+    ``wide_modules`` does the same across all layers for the linears whose name inside a decoder layer matches one
+    of its ``fnmatch`` patterns (``self_attn.v_proj``, ``mlp.down_proj*`` for a factored one's ``down``/``up``):
+    Q4_K_M's module-wise half, which gives ``attn_v`` and ``ffn_down`` more bits.
     """
 
     bits: int = 4
@@ -57,6 +61,7 @@ class QuantConfig:
     up_bits: int | None = None
     grid: str = "minmax"
     wide_layers: tuple[int, ...] = ()
+    wide_modules: tuple[str, ...] = ()
     wide_bits: int = 8
 
     def __post_init__(self) -> None:
@@ -71,6 +76,10 @@ class QuantConfig:
         object.__setattr__(self, "wide_layers", tuple(self.wide_layers))  # a JSON list from a stage config
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.wide_layers):
             raise QuantError(f"wide_layers={self.wide_layers!r}; expected decoder layer indices, e.g. (0, 1, -2, -1).")
+        object.__setattr__(self, "wide_modules", tuple(self.wide_modules))
+        if not all(isinstance(p, str) and p for p in self.wide_modules):
+            raise QuantError(f"wide_modules={self.wide_modules!r}; expected fnmatch patterns of linear names inside a "
+                             "decoder layer, e.g. ('self_attn.v_proj', 'mlp.down_proj*').")
         if len(set(self.wide_layers)) != len(self.wide_layers):
             raise QuantError(f"wide_layers={self.wide_layers!r} has duplicates; give each layer once.")
         for name in ("down_bits", "up_bits"):
@@ -108,6 +117,10 @@ class QuantConfig:
                              f"(valid: {-n_layers}..{n_layers - 1}).")
         # on a model with few layers (0, 1, -2, -1) overlap: the union, so a preset's choice fits any depth
         return frozenset(i % n_layers for i in self.wide_layers)
+
+    def is_wide_module(self, name: str) -> bool:
+        """Whether the linear ``name`` (relative to its decoder layer) is quantized at ``wide_bits`` everywhere."""
+        return any(fnmatch.fnmatchcase(name, p) for p in self.wide_modules)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

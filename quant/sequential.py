@@ -139,7 +139,7 @@ def _quantize_layer(
     for sub, lin in target_linears(layer).items():
         full = f"{name}.{sub}"
         partial = id(lin) in factors
-        bits = wide_bits if wide_bits is not None else plan.bits(sub)
+        bits = wide_bits or (cfg.wide_bits if cfg.is_wide_module(sub) else plan.bits(sub))
         weight = plan.weight_for(sub, lin, stats)
         if stats is None:
             qw = rtn_quantize(weight, bits, cfg.group_size, cfg.sym, name=full, allow_partial=partial,

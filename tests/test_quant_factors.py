@@ -204,6 +204,24 @@ def test_wide_layers_take_their_width_and_round_trip(tiny_qwen2, calib_ids, tmp_
     assert torch.equal(logits(reloaded, calib_ids), out)
 
 
+def test_wide_modules_take_their_width_in_every_layer_and_round_trip(tiny_qwen2, calib_ids, tmp_path):
+    """A factored module's pattern covers its own factor (v_proj's ``up``), a dense one's the linear itself."""
+    _factor(tiny_qwen2, rank=24)
+    cfg = QuantConfig(bits=3, group_size=16, wide_modules=("self_attn.v_proj*", "mlp.down_proj"), wide_bits=8)
+    quantize_model(tiny_qwen2, cfg, calib_ids)
+    for layer in tiny_qwen2.model.layers:
+        bits = {n: m.bits for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
+        assert {n for n, b in bits.items() if b == 8} == {"self_attn.v_proj.up", "mlp.down_proj"}, bits
+        assert {b for b in bits.values() if b != 8} == {3}
+    out = logits(tiny_qwen2, calib_ids)
+    save_quantized(tiny_qwen2, None, tmp_path, cfg)
+    reloaded, _ = load_quantized(tmp_path)
+    assert [layer.mlp.down_proj.bits for layer in reloaded.model.layers] == [8, 8]
+    assert torch.equal(logits(reloaded, calib_ids), out)
+    with pytest.raises(QuantError, match="wide_modules"):
+        QuantConfig(wide_modules=("",))
+
+
 def test_wide_layers_that_overlap_on_a_shallow_model_are_their_union():
     assert QuantConfig(wide_layers=(0, 1, -2, -1)).wide_set(2) == {0, 1}
     assert QuantConfig(wide_layers=(0, 1, -2, -1)).wide_set(24) == {0, 1, 22, 23}
