@@ -36,7 +36,9 @@ VARIANTS = {"minmax": {}, "mse": {"grid": "mse"}, "mse+act_order": {"grid": "mse
             "asym+act_order": {"sym": False, "act_order": True},
             "asym+act_order+64x512": {"sym": False, "act_order": True, "n_seqs": 64, "seq_len": 512},
             "asym+act_order+v8": {"sym": False, "act_order": True, "wide_modules": ("self_attn.v_proj*",)},
-            "asym+act_order+down8": {"sym": False, "act_order": True, "wide_modules": ("mlp.down_proj*",)}}
+            "asym+act_order+down8": {"sym": False, "act_order": True, "wide_modules": ("mlp.down_proj*",)},
+            "asym+v8": {"sym": False, "wide_modules": ("self_attn.v_proj*",)},
+            "asym+kv8": {"sym": False, "wide_modules": ("self_attn.k_proj*", "self_attn.v_proj*")}}
 
 
 def main() -> None:
