@@ -80,7 +80,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 7.876 -> 7.976, and took 146 s more (bench/results/quant_grid.json). wide_layers: the first two and
         # last two layers at 8 bits, 7.782 (+29 MB); only the first and last, 7.943; group size 64, 7.896; 32
         # calibration windows, 7.828 in 2x the time: one run each, within ~0.1 of one another.
-        "quantize": {"group_size": 128, "n_seqs": 16, "seq_len": 256, "wide_layers": (0, 1, -2, -1)},
+        # sym False + wide_modules k/v (stop 27, bf16, float LoRD 7.194): the symmetric grid 7.800 (1.084x float),
+        # asymmetric 7.621, + k_proj/v_proj at 8 bits in every layer **7.453 (1.036x)** for +2.2 MB (k/v are
+        # 896x128: 2% of a layer's weights, the narrow GQA heads every query reads); + act_order adds nothing
+        # measurable (7.625 vs 7.621); down_proj at 8 bits instead 7.474 for +37 MB.
+        "quantize": {"group_size": 128, "n_seqs": 16, "seq_len": 256, "wide_layers": (0, 1, -2, -1), "sym": False,
+                     "wide_modules": ("self_attn.k_proj*", "self_attn.v_proj*")},
         # recovery = distillation from the dense teacher (finetune.kd), bounded by time
         # no warmup: the 2-minute budget fits 1-2 steps of 51 s, and with warmup 2 the one step ran at lr 0
         "finetune": {"objective": "kd", "budget_minutes": 2.0, "steps": None, "kd_n_seqs": 24, "n_eval": 4,
@@ -99,7 +104,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "bits": (8, 4),
         "calibrate": {"n_seqs": 128, "seq_len": 512},
         "decompose": {"method": "lord", "plan": "search", "reduction": 0.2},
-        "quantize": {"group_size": 128, "n_seqs": 128, "seq_len": 512},
+        "quantize": {"group_size": 128, "n_seqs": 128, "seq_len": 512, "sym": False,
+                     "wide_modules": ("self_attn.k_proj*", "self_attn.v_proj*")},
         "finetune": {"objective": "kd", "budget_minutes": 15.0, "steps": None, "kd_n_seqs": 72, "n_eval": 8,
                      "max_seq_len": 512, "micro_batch_size": 1, "grad_accum_steps": 4, "warmup_steps": 4,
                      "eval_every": 50},
