@@ -38,7 +38,9 @@ VARIANTS = {"minmax": {}, "mse": {"grid": "mse"}, "mse+act_order": {"grid": "mse
             "asym+act_order+v8": {"sym": False, "act_order": True, "wide_modules": ("self_attn.v_proj*",)},
             "asym+act_order+down8": {"sym": False, "act_order": True, "wide_modules": ("mlp.down_proj*",)},
             "asym+v8": {"sym": False, "wide_modules": ("self_attn.v_proj*",)},
-            "asym+kv8": {"sym": False, "wide_modules": ("self_attn.k_proj*", "self_attn.v_proj*")}}
+            "asym+kv8": {"sym": False, "wide_modules": ("self_attn.k_proj*", "self_attn.v_proj*")},
+            "asym+attn8": {"sym": False, "wide_modules": ("self_attn.*",)},
+            "asym+kv8+g64": {"sym": False, "wide_modules": ("self_attn.k_proj*", "self_attn.v_proj*"), "group_size": 64}}
 
 
 def main() -> None:
