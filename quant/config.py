@@ -118,9 +118,9 @@ class QuantConfig:
         # on a model with few layers (0, 1, -2, -1) overlap: the union, so a preset's choice fits any depth
         return frozenset(i % n_layers for i in self.wide_layers)
 
-    def is_wide_module(self, name: str) -> bool:
-        """Whether the linear ``name`` (relative to its decoder layer) is quantized at ``wide_bits`` everywhere."""
-        return any(fnmatch.fnmatchcase(name, p) for p in self.wide_modules)
+    def is_wide_module(self, name: str, patterns: tuple[str, ...] | None = None) -> bool:
+        """Whether the linear ``name`` (relative to its decoder layer) matches ``wide_modules`` (or ``patterns``)."""
+        return any(fnmatch.fnmatchcase(name, p) for p in (self.wide_modules if patterns is None else patterns))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

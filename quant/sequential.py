@@ -91,10 +91,16 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor |
     layers = decoder_layers(model)
     prefix = _module_prefix(model, layers)
     wide = cfg.wide_set(len(layers))
-    for i, layer in enumerate(layers):  # fail before any work if a group size does not fit
+    names: set[str] = set()
+    for i, layer in enumerate(layers):  # fail before any work if a group size or a width pattern does not fit
         factors = _factor_linears(layer)
         for name, lin in target_linears(layer).items():
             check_group_size(lin.in_features, cfg.group_size, f"{prefix}.{i}.{name}", id(lin) in factors)
+            names.add(name)
+    unmatched = [p for p in cfg.wide_modules if not any(cfg.is_wide_module(n, (p,)) for n in names)]
+    if unmatched:
+        raise QuantError(f"wide_modules {unmatched} match no linear of a decoder layer; its linears are "
+                         f"{sorted(names)} (fnmatch patterns, e.g. 'self_attn.v_proj*').")
     report = QuantReport()
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -227,6 +227,14 @@ def test_wide_layers_that_overlap_on_a_shallow_model_are_their_union():
     assert QuantConfig(wide_layers=(0, 1, -2, -1)).wide_set(24) == {0, 1, 22, 23}
 
 
+def test_a_wide_module_pattern_that_matches_nothing_is_rejected_before_any_work(tiny_qwen2, calib_ids):
+    before = {k: v.clone() for k, v in tiny_qwen2.state_dict().items()}
+    with pytest.raises(QuantError, match=r"wide_modules \['self_attn.vproj'\] match no linear"):
+        quantize_model(tiny_qwen2, QuantConfig(bits=4, group_size=16, wide_modules=("self_attn.v_proj", "self_attn.vproj")),
+                       calib_ids)
+    assert all(torch.equal(v, tiny_qwen2.state_dict()[k]) for k, v in before.items())
+
+
 @pytest.mark.parametrize("wide", [(0, 0), (0, 99), (-3,)])
 def test_bad_wide_layers_are_rejected_before_any_work(tiny_qwen2, calib_ids, wide):
     """A duplicate and layers the model lacks (the tiny model has 2 layers)."""
