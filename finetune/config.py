@@ -27,10 +27,11 @@ class FinetuneConfig:
     (top-``kd_top_k`` + tail mass, precomputed once and cached by content, see finetune.kd) over ``kd_n_seqs``
     code windows of ``max_seq_len`` tokens (``data`` = a directory of .py files or a corpus mix such as
     ``"stdlib,pkg:numpy"``; None = the stdlib; always the calibration split, never the held-out one).
-    ``teacher=None``: the model the input was compressed from (followed through the artifacts' ``source``). ``steps`` counts optimizer steps (each sees ``micro_batch_size *
-    grad_accum_steps`` examples) and may be None when ``budget_minutes`` bounds the run instead; with both,
-    whichever ends first. ``dtype``: forwards/backwards under bf16 autocast where the hardware has it (losses
-    in fp32), float32 elsewhere (sources.compute).
+    ``teacher=None``: the model the input was compressed from (followed through the artifacts' ``source``).
+    ``steps`` counts optimizer steps (each sees ``micro_batch_size * grad_accum_steps`` examples) and may be
+    None when ``budget_minutes`` bounds the run instead; with both, whichever ends first. ``dtype``:
+    forwards/backwards under bf16 autocast where the hardware has it (losses in fp32), float32 elsewhere
+    (sources.compute).
     """
 
     objective: str = "sft"

@@ -28,6 +28,8 @@ STAGES = ("vocab", "calibrate", "decompose", "refine", "quantize", "finetune", "
 OPTIONAL_STAGES: dict[str, dict[str, Any]] = {"vocab": {"keep": 65536},
                                               "refine": {"budget_minutes": 12.0, "n_seqs": 32}}
 SUPPORTED_BITS = (2, 3, 4, 8)
+# GPTQ keeps Qwen's narrow GQA key/value projections (896 x 128, 2% of a layer) at 8 bits: see the default preset
+KV_AT_8_BITS = ("self_attn.k_proj*", "self_attn.v_proj*")
 
 # Sizes: smoke finishes in a few minutes on smollm2-135m; default finishes `make run` in <= 20 min on 2 cores
 # with the 0.5B coder; full is the benchmark protocol. Presets opt in to HumanEval's code execution
@@ -52,7 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # calibrate 133 s, decompose 338 s (search: Fisher pass 63 s, 9 loss evaluations 262 s), GPTQ-4 416 s,
         # KD 204 s (the teacher's logits, 93 s, are cached by content: 109 s when they are). On a 2-core EPYC with
         # AVX512-BF16 (bf16 compute) the same run took 11.6 min: vocab 24 s, calibrate 30 s, decompose 135 s,
-        # GPTQ-4 166 s, KD 143 s (6 steps of 16 s), final evaluation 95 s.
+        # GPTQ-4 166 s, KD 143 s (6 steps of 16 s), final evaluation 95 s; with stop 27's GPTQ settings 11.2 min.
         # calibration tokens must exceed the widest group input (Qwen's down_proj reads 4864): with 16x256 the
         # Gram was rank-deficient and LoRD-10% cost ppl 6.95 -> 12.3 in a measured make run
         "calibrate": {"n_seqs": 32, "seq_len": 256},
@@ -85,7 +87,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 896x128: 2% of a layer's weights, the narrow GQA heads every query reads); + act_order adds nothing
         # measurable (7.625 vs 7.621); down_proj at 8 bits instead 7.474 for +37 MB.
         "quantize": {"group_size": 128, "n_seqs": 16, "seq_len": 256, "wide_layers": (0, 1, -2, -1), "sym": False,
-                     "wide_modules": ("self_attn.k_proj*", "self_attn.v_proj*")},
+                     "wide_modules": KV_AT_8_BITS},
         # recovery = distillation from the dense teacher (finetune.kd), bounded by time
         # no warmup: the 2-minute budget fits 1-2 steps of 51 s, and with warmup 2 the one step ran at lr 0
         "finetune": {"objective": "kd", "budget_minutes": 2.0, "steps": None, "kd_n_seqs": 24, "n_eval": 4,
@@ -105,7 +107,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "calibrate": {"n_seqs": 128, "seq_len": 512},
         "decompose": {"method": "lord", "plan": "search", "reduction": 0.2},
         "quantize": {"group_size": 128, "n_seqs": 128, "seq_len": 512, "sym": False,
-                     "wide_modules": ("self_attn.k_proj*", "self_attn.v_proj*")},
+                     "wide_modules": KV_AT_8_BITS},
         "finetune": {"objective": "kd", "budget_minutes": 15.0, "steps": None, "kd_n_seqs": 72, "n_eval": 8,
                      "max_seq_len": 512, "micro_batch_size": 1, "grad_accum_steps": 4, "warmup_steps": 4,
                      "eval_every": 50},

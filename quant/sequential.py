@@ -111,7 +111,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor |
                 balance_factors_(layer)
         if cfg.method == "rtn":
             for i, layer in enumerate(tqdm(layers, desc="rtn", unit="layer")):
-                _quantize_layer(layer, f"{prefix}.{i}", cfg, None, report, cfg.wide_bits if i in wide else None)
+                _quantize_layer(layer, f"{prefix}.{i}", cfg, None, report, i in wide)
         else:
             if calib_ids is None or calib_ids.numel() == 0:
                 raise QuantError(
@@ -121,7 +121,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor |
             stream = forward.capture(model, calib_ids, 0, cfg.batch_size)
             for i, layer in tqdm(forward.walk(model, stream), total=len(layers), desc="gptq", unit="layer"):
                 stats = _collect_hessians(layer, stream)
-                _quantize_layer(layer, f"{prefix}.{i}", cfg, stats, report, cfg.wide_bits if i in wide else None)
+                _quantize_layer(layer, f"{prefix}.{i}", cfg, stats, report, i in wide)
         _round_unquantized_(model, torch.float16)
     report.seconds = time.perf_counter() - t0
     return report
@@ -137,7 +137,7 @@ def _round_unquantized_(model: nn.Module, dtype: torch.dtype) -> None:
 
 def _quantize_layer(
     layer: nn.Module, name: str, cfg: QuantConfig, stats: dict[str, GPTQ] | None, report: QuantReport,
-    wide_bits: int | None = None,
+    wide_layer: bool = False,
 ) -> None:
     parents = _parents_of(layer)
     factors = _factor_linears(layer)
@@ -145,7 +145,7 @@ def _quantize_layer(
     for sub, lin in target_linears(layer).items():
         full = f"{name}.{sub}"
         partial = id(lin) in factors
-        bits = wide_bits or (cfg.wide_bits if cfg.is_wide_module(sub) else plan.bits(sub))
+        bits = cfg.wide_bits if wide_layer or cfg.is_wide_module(sub) else plan.bits(sub)
         weight = plan.weight_for(sub, lin, stats)
         if stats is None:
             qw = rtn_quantize(weight, bits, cfg.group_size, cfg.sym, name=full, allow_partial=partial,
