@@ -30,7 +30,16 @@ STOP_SEQUENCES: tuple[str, ...] = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """``temperature == 0`` means greedy (one sample per problem); otherwise nucleus sampling."""
+    """``temperature == 0`` means greedy (one sample per problem); otherwise nucleus sampling.
+
+    ``strip_prompt``: give the model the prompt without its trailing whitespace (True, bigcode-evaluation-harness's
+    ``prompt.strip()``), as written (False), or ``"auto"``: whichever ends on the token boundary the tokenizer
+    itself puts there in ``prompt + body`` (``prompt_text``). A HumanEval prompt ends with the docstring's quotes
+    and a newline; Qwen tokenizes the newline apart from the body's indent, SmolLM2 merges them ("\n   "). Given
+    the other form, the model continues a token sequence it never saw: a stripped prompt made the 0.5B Qwen coder
+    answer ``\n\n\n`` and jump past the body, an empty completion (12 of the dense model's first 40, 40-46 of
+    the LoRD + GPTQ-4 model's 164, greedy); the raw prompt made SmolLM2 do the same.
+    """
 
     max_new_tokens: int = 384
     batch_size: int = 8
@@ -39,7 +48,7 @@ class GenerationConfig:
     top_p: float = 0.95
     seed: int = 0
     stop_sequences: tuple[str, ...] = STOP_SEQUENCES
-    strip_prompt: bool = True
+    strip_prompt: bool | str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_sequences", tuple(self.stop_sequences))
@@ -56,6 +65,8 @@ class GenerationConfig:
                             f"use n_samples=1, or temperature > 0 (e.g. 0.8) for pass@k with k > 1")
         if not 0.0 < self.top_p <= 1.0:
             raise EvalError(f"top_p={self.top_p}; expected in (0, 1]")
+        if self.strip_prompt not in (True, False, "auto"):
+            raise EvalError(f"strip_prompt={self.strip_prompt!r}; expected True, False or 'auto'")
         if not all(isinstance(s, str) and s for s in self.stop_sequences):
             raise EvalError(f"stop_sequences={self.stop_sequences!r}; expected non-empty strings")
 
@@ -71,6 +82,22 @@ def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
     """Cut ``text`` at the earliest stop sequence (the stop itself is dropped)."""
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
     return text[:cut]
+
+
+# what follows a HumanEval prompt: a function body's first indented line
+BODY_PROBE = "    pass\n"
+
+
+def prompt_text(tokenizer: Any, prompt: str, strip: bool | str = "auto") -> str:
+    """The text the model is given for ``prompt`` (see GenerationConfig.strip_prompt): with ``"auto"`` the raw
+    prompt if its tokens are a prefix of the tokens of ``prompt + body`` (the tokenizer ends a token where the
+    prompt ends), else the prompt without trailing whitespace (the tokenizer merges it into the body's first
+    token, which the model then writes itself)."""
+    stripped = prompt.rstrip()
+    if strip != "auto" or stripped == prompt:
+        return stripped if strip is True else prompt
+    raw = tokenizer(prompt)["input_ids"]
+    return prompt if tokenizer(prompt + BODY_PROBE)["input_ids"][:len(raw)] == raw else stripped
 
 
 def generate_completions(
@@ -90,7 +117,7 @@ def generate_completions(
     have = {(r["task_id"], r["sample"]) for r in done}
     order = {t: i for i, t in enumerate(prompts)}
     todo = [(t, s) for t in prompts for s in range(cfg.n_samples) if (t, s) not in have]
-    texts = {t: (p.rstrip() if cfg.strip_prompt else p) for t, p in prompts.items()}
+    texts = {t: prompt_text(tokenizer, p, cfg.strip_prompt) for t, p in prompts.items()}
     lengths = {t: len(tokenizer(texts[t])["input_ids"]) for t in {t for t, _ in todo}}
     todo.sort(key=lambda ts: (-lengths[ts[0]], order[ts[0]], ts[1]))  # longest first: OOM shows at once
     records = [r for r in done if r["task_id"] in prompts]
@@ -101,7 +128,7 @@ def generate_completions(
         completion = truncate_at_stop(text, cfg.stop_sequences)
         row = {"task_id": todo[i][0], "sample": todo[i][1], "completion": completion,
                "n_new_tokens": len(new_tokens), "finish": "stop" if completion != text else finish,
-               "seconds": seconds}
+               "seconds": seconds, "prompt_stripped": texts[todo[i][0]] != prompts[todo[i][0]]}
         if out_jsonl is not None:
             append_jsonl(out_jsonl, [row])  # one line per finished row: a killed run loses only live rows
         records.append(row)

@@ -71,10 +71,13 @@ class HumanEvalConfig:
 
 
 def execute_completions(problems: list[HumanEvalProblem], completions: list[dict[str, Any]], sandbox: Sandbox,
-                        strip_prompt: bool = True, progress: bool = True) -> list[dict[str, Any]]:
-    """Run every completion's program (prompt as the model saw it + completion + tests); one record each."""
+                        strip_prompt: bool | str = False, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every completion's program (prompt as the model saw it + completion + tests); one record each.
+    A record's ``prompt_stripped`` says how its prompt was given; ``strip_prompt`` is for records without it."""
     by_id = {p.task_id: p for p in problems}
-    programs = [by_id[c["task_id"]].program(c["completion"], strip_prompt=strip_prompt) for c in completions]
+    programs = [by_id[c["task_id"]].program(c["completion"], strip_prompt=bool(c.get("prompt_stripped",
+                                                                                     strip_prompt is True)))
+                for c in completions]
     results = sandbox.run_many(programs, progress=progress, desc="humaneval execute")
     return [{"task_id": c["task_id"], "sample": c["sample"], "status": r.status, "reason": r.reason,
              "seconds": round(r.seconds, 4), "output": r.output[:2000], "output_truncated": r.output_truncated}

@@ -15,6 +15,7 @@ from evaluation.generate import (
     GenerationConfig,
     append_jsonl,
     generate_completions,
+    prompt_text,
     read_jsonl,
     truncate_at_stop,
 )
@@ -145,7 +146,7 @@ def test_stage_end_to_end_refuses_without_opt_in_and_resumes(tmp_path) -> None:
     work = out.with_name(f".{out.name}.partial")
     work.mkdir()
     (work / "key.json").write_text(json.dumps(resume_key("tinycoder-random", cfg)))
-    solution = first.prompt[len(first.prompt.rstrip()):] + first.canonical_solution
+    solution = first.canonical_solution
     append_jsonl(work / "completions.jsonl", [{"task_id": first.task_id, "sample": 0, "completion": solution,
                                                "n_new_tokens": 40, "finish": "stop", "seconds": 1.0}])
     metrics = humaneval_to_dir("tinycoder-random", cfg, out, progress=False)
@@ -183,6 +184,23 @@ def test_batched_greedy_matches_unbatched_smollm2() -> None:
     assert all(r["completion"].strip() for r in batched)
 
 
+@pytest.mark.parametrize(("model", "stripped"), [("qwen2.5-coder-0.5b", False), ("smollm2-135m", True)])
+def test_prompt_ends_where_the_tokenizer_ends_a_token(model, stripped) -> None:
+    """Qwen keeps a HumanEval prompt's closing newline as its own token, SmolLM2 merges it with the body's indent:
+    each model gets the prompt on its own token boundary (the other form made each of them skip the body)."""
+    from transformers import AutoTokenizer
+
+    from sources.models import resolve_model_dir
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir(model))
+    for p in load_humaneval(limit=8):
+        text = prompt_text(tok, p.prompt)
+        assert text == (p.prompt.rstrip() if stripped else p.prompt)
+        assert prompt_text(tok, p.prompt, True) == p.prompt.rstrip() and prompt_text(tok, p.prompt, False) == p.prompt
+    with pytest.raises(EvalError, match="strip_prompt"):
+        GenerationConfig(strip_prompt="yes")
+
+
 def test_cli_needs_the_opt_in_flag(tmp_path, capsys) -> None:
     from evaluation.humaneval_cli import main
 
@@ -218,7 +236,7 @@ def test_greedy_decode_matches_transformers_generate(tiny) -> None:
     ours = generate_completions(model, tok, prompts, GenerationConfig(max_new_tokens=16, batch_size=1,
                                                                       stop_sequences=never), progress=False)
     for r in ours:
-        assert r["completion"] == _hf_greedy(model, tok, prompts[r["task_id"]].rstrip(), 16)
+        assert r["completion"] == _hf_greedy(model, tok, prompt_text(tok, prompts[r["task_id"]]), 16)
 
 
 @pytest.mark.parametrize(("stops", "batch_size"), [
@@ -229,7 +247,7 @@ def test_greedy_decode_matches_transformers_generate(tiny) -> None:
 def test_batched_greedy_equals_unbatched_tiny(tiny, stops, batch_size) -> None:
     model, tok = tiny
     prompts = {p.task_id: p.prompt for p in load_humaneval(limit=12)}  # prompt lengths differ: left padding
-    cfg = GenerationConfig(max_new_tokens=30, batch_size=batch_size, stop_sequences=stops)
+    cfg = GenerationConfig(max_new_tokens=30, batch_size=batch_size, stop_sequences=stops, strip_prompt=True)
     batched = generate_completions(model, tok, prompts, cfg, progress=False)
     single = generate_completions(model, tok, prompts, GenerationConfig(**{**cfg.to_dict(), "batch_size": 1}),
                                   progress=False)
