@@ -15,6 +15,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 BASES = ("nf4", "float")
 OBJECTIVES = ("sft", "kd")
 CLOCKS = ("wall", "process")
+LORA_INITS = ("zero", "eora")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class FinetuneConfig:
     code windows of ``max_seq_len`` tokens (``data`` = a directory of .py files or a corpus mix such as
     ``"stdlib,pkg:numpy"``; None = the stdlib; always the calibration split, never the held-out one).
     ``teacher=None``: the model the input was compressed from (followed through the artifacts' ``source``).
+    ``lora_init``: ``zero`` (peft's B = 0: training starts from the 4-bit base) or ``eora`` (B A = the rank-r,
+    activation-weighted approximation of the base's quantization error on ``init_n_seqs`` calibration windows,
+    finetune.eora: training starts closer to the float model).
     ``steps`` counts optimizer steps (each sees ``micro_batch_size * grad_accum_steps`` examples) and may be
     None when ``budget_minutes`` bounds the run instead; with both, whichever ends first. ``dtype``:
     forwards/backwards under bf16 autocast where the hardware has it (losses in fp32), float32 elsewhere
@@ -49,6 +53,8 @@ class FinetuneConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+    lora_init: str = "zero"
+    init_n_seqs: int = 16
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     base: str = "nf4"
     double_quant: bool = True
@@ -85,6 +91,11 @@ class FinetuneConfig:
             raise FinetuneError(f"lora_dropout={self.lora_dropout}; expected 0 <= p < 1.")
         if self.lr <= 0 or self.lora_alpha <= 0:
             raise FinetuneError(f"lr={self.lr}, lora_alpha={self.lora_alpha}; both must be > 0.")
+        if self.lora_init not in LORA_INITS:
+            raise FinetuneError(f"lora_init={self.lora_init!r}; expected one of {LORA_INITS} ('eora' starts the "
+                                f"adapter from the base's quantization error).")
+        if self.init_n_seqs < 1:
+            raise FinetuneError(f"init_n_seqs={self.init_n_seqs}; expected >= 1 calibration windows for lora_init.")
         if self.scheduler not in SCHEDULERS:
             raise FinetuneError(f"scheduler={self.scheduler!r}; expected one of {SCHEDULERS}.")
         if self.base not in BASES:

@@ -31,7 +31,7 @@ from .qlora import (
     trainable_parameters,
     weight_bytes,
 )
-from .train import describe, train
+from .train import autocast, describe, train
 
 # files save_pretrained does not write but a base artifact may need (LoRD rank maps, modeling code)
 _SKIP_COPY = {"MANIFEST.json", "metrics.json", ARTIFACT_FILE, "model.safetensors", "model.safetensors.index.json"}
@@ -71,6 +71,13 @@ def finetune_to_dir(model: str, cfg: FinetuneConfig, out_dir: Path, progress: bo
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     peft_model = attach_lora(base, cfg)
+    init_meta = {"lora_init": cfg.lora_init}
+    if cfg.lora_init == "eora":
+        from .eora import eora_init, reference_dir
+
+        init_ids = targets.ids[:cfg.init_n_seqs] if targets is not None else init_windows(tok, cfg)
+        init_meta = eora_init(peft_model, reference_dir(Path(model_dir), kind), init_ids, cfg.micro_batch_size,
+                              lambda: autocast(cfg))
     n_trainable, n_total = trainable_parameters(peft_model)
     load_peak = memory.peak_rss_mb()
     peak_reset = memory.reset_peak_rss()
@@ -89,7 +96,7 @@ def finetune_to_dir(model: str, cfg: FinetuneConfig, out_dir: Path, progress: bo
     metrics: dict[str, Any] = {
         "model": str(model), "base_dir": str(model_dir), "base_kind": kind, **base_quant(kind, Path(model_dir), cfg),
         "objective": cfg.objective,
-        **describe(result),
+        **init_meta, **describe(result),
         "train_loss_reduction": result.train_loss_first - result.train_loss_last,
         **sizes,
         "trainable_params": n_trainable, "total_params": n_total, "weight_mb": weight_bytes(peft_model) / 2**20,
@@ -124,6 +131,17 @@ def finetune_to_dir(model: str, cfg: FinetuneConfig, out_dir: Path, progress: bo
         metrics["total_seconds"] = time.perf_counter() - t_start
         write_json_atomic(tmp / "metrics.json", metrics)
     return metrics
+
+
+def init_windows(tokenizer: Any, cfg: FinetuneConfig) -> torch.Tensor:
+    """``init_n_seqs`` calibration windows (the stdlib's calibration split, or ``cfg.data`` when it is code) for
+    the adapter's initial statistics when the objective brings no code windows of its own (SFT)."""
+    from sources import calibration_batches, code_split
+    from sources.corpus import is_code_spec
+
+    split = code_split(cfg.data if cfg.data and is_code_spec(cfg.data) else None)
+    return calibration_batches(tokenizer, split.calibration, n_seqs=cfg.init_n_seqs, seq_len=cfg.max_seq_len,
+                               seed=cfg.seed)
 
 
 def base_quant(kind: str, model_dir: Path, cfg: FinetuneConfig) -> dict[str, Any]:

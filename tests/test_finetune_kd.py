@@ -261,3 +261,62 @@ def test_blockwise_keeps_a_layers_start_when_training_made_it_worse(kd_setup, tm
     before = {k: v for f in sorted(Path(student).glob("*.safetensors")) for k, v in load_file(f).items()}
     after = {k: v for f in sorted((tmp_path / "refined").glob("*.safetensors")) for k, v in load_file(f).items()}
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_eora_init_starts_the_adapter_from_the_quantization_error(kd_setup, tmp_path):
+    """lora_init='eora' on a GPTQ-3 base of the dense model: the adapter at step 0 is the activation-weighted
+    rank-r approximation of each layer's quantization error, so the calibration output error of the
+    quantization falls and the KD loss (the teacher is the float model itself) starts below the zero adapter's."""
+    from quant import QuantConfig, quantize_to_dir
+
+    teacher, student, code = kd_setup
+    qdir = tmp_path / "gptq"
+    quantize_to_dir(str(teacher), QuantConfig(bits=3, group_size=32, n_seqs=4, seq_len=32), qdir)
+    kw = dict(steps=1, lr=1e-9, merge=False, lora_r=8, lora_alpha=16)
+    zero = finetune_to_dir(str(qdir), kd_cfg(code, tmp_path / "cache", **kw), tmp_path / "zero", progress=False)
+    eora = finetune_to_dir(str(qdir), kd_cfg(code, tmp_path / "cache", lora_init="eora", init_n_seqs=6, **kw),
+                           tmp_path / "eora", progress=False)
+    assert zero["lora_init"] == "zero" and eora["lora_init"] == "eora"
+    assert eora["eora_reference"] == str(teacher) and eora["eora_layers"] == 2 * 7
+    assert eora["eora_quant_error_before"] > 0.01  # 3-bit weights really are off
+    assert eora["eora_quant_error_after"] < 0.7 * eora["eora_quant_error_before"]
+    assert eora["eval_loss_before"] < 0.8 * zero["eval_loss_before"]
+    # the kept adapter is the compensation (not zero), and the artifact loads with it
+    from finetune.checkpoint import load_finetuned
+
+    net, _ = load_finetuned(tmp_path / "eora")
+    a = next(m for n, m in net.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_B"))
+    assert float(a.lora_B["default"].weight.abs().sum()) > 0
+
+
+def test_eora_leaves_lord_factor_pairs_at_zero(kd_setup, tmp_path):
+    """The quantize stage rebalances and refits a factor pair, so its float factors are no reference: EoRA
+    initialises only the dense linears of a LoRD + GPTQ base and says how many factors it left at zero; a base
+    with nothing else is refused."""
+    from quant import QuantConfig, quantize_to_dir
+
+    _, student, code = kd_setup
+    qdir = tmp_path / "gptq"
+    quantize_to_dir(str(student), QuantConfig(bits=4, group_size=32, n_seqs=4, seq_len=32), qdir)
+    with pytest.raises(FinetuneError, match="outside LoRD factor pairs"):
+        finetune_to_dir(str(qdir), kd_cfg(code, tmp_path / "cache", lora_init="eora", steps=1), tmp_path / "ft",
+                        progress=False)
+    assert not (tmp_path / "ft").exists()
+
+
+def test_eora_refuses_a_base_without_its_float_source_and_bad_configs(kd_setup, tmp_path):
+    from finetune.eora import reference_dir
+    from quant import QuantConfig, quantize_to_dir
+
+    teacher, _, _ = kd_setup
+    qdir = tmp_path / "gptq"
+    quantize_to_dir(str(teacher), QuantConfig(bits=4, group_size=32, n_seqs=4, seq_len=32), qdir)
+    assert reference_dir(qdir, "gptq") == teacher
+    meta = json.loads((qdir / "lord_artifact.json").read_text())
+    (qdir / "lord_artifact.json").write_text(json.dumps({**meta, "source": str(tmp_path / "gone")}))
+    with pytest.raises(Exception, match="gone"):
+        reference_dir(qdir, "gptq")
+    with pytest.raises(FinetuneError, match="lora_init"):
+        FinetuneConfig(lora_init="svd")
+    with pytest.raises(FinetuneError, match="init_n_seqs"):
+        FinetuneConfig(init_n_seqs=0)
