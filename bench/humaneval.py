@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import median_seconds, write_results  # noqa: E402
-from evaluation.generate import GenerationConfig, generate_completions  # noqa: E402
+from evaluation.generate import GenerationConfig, generate_completions, prompt_text  # noqa: E402
 from evaluation.humaneval import execute_completions, score  # noqa: E402
 from evaluation.sandbox import Sandbox, SandboxConfig  # noqa: E402
 from sources import load_model  # noqa: E402
@@ -126,7 +126,7 @@ def main() -> None:
          "generation_seconds": batched_s, "execution_seconds": exec_s,
          "n_new_tokens": batched_tokens, "tokens_per_second": batched_tokens / batched_s,
          "projected_164_generation_seconds": batched_s * 164 / len(problems),
-         "prompt_tokens": sum(len(tok(p.rstrip())["input_ids"]) for p in prompts.values()),
+         "prompt_tokens": sum(len(tok(prompt_text(tok, p))["input_ids"]) for p in prompts.values()),
          "finish_counts": {f: sum(r["finish"] == f for r in completions) for f in ("stop", "eos", "length")}},
         {"model": args.model, "variant": "batched-vs-unbatched", "n_problems": len(head),
          "n_problems_batched": len(problems),
