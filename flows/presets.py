@@ -54,7 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # calibrate 133 s, decompose 338 s (search: Fisher pass 63 s, 9 loss evaluations 262 s), GPTQ-4 416 s,
         # KD 204 s (the teacher's logits, 93 s, are cached by content: 109 s when they are). On a 2-core EPYC with
         # AVX512-BF16 (bf16 compute) the same run took 11.6 min: vocab 24 s, calibrate 30 s, decompose 135 s,
-        # GPTQ-4 166 s, KD 143 s (6 steps of 16 s), final evaluation 95 s; with stop 27's GPTQ settings 11.2 min.
+        # GPTQ-4 166 s, KD 143 s (6 steps of 16 s), final evaluation 95 s; with stop 27's GPTQ settings 11.2 min (stop 28: 11.6).
         # calibration tokens must exceed the widest group input (Qwen's down_proj reads 4864): with 16x256 the
         # Gram was rank-deficient and LoRD-10% cost ppl 6.95 -> 12.3 in a measured make run
         "calibrate": {"n_seqs": 32, "seq_len": 256},
