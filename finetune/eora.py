@@ -77,6 +77,9 @@ def dequantized(layer: nn.Module) -> torch.Tensor:
     """Float32 [out, in] weight of a 4-bit layer: our QuantLinear, or whatever peft can dequantize (bnb NF4)."""
     if hasattr(layer, "dequantize") and hasattr(layer, "qweight"):
         return layer.dequantize().float()
+    if getattr(getattr(layer, "weight", None), "quant_state", None) is None:
+        raise FinetuneError(f"lora_init='eora' needs a 4-bit base (GPTQ or NF4); a {type(layer).__name__} layer is "
+                            "float, with no quantization error to start from: use lora_init='zero'")
     from peft.utils.integrations import dequantize_module_weight
 
     return dequantize_module_weight(layer).float()

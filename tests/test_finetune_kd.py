@@ -287,6 +287,11 @@ def test_eora_init_starts_the_adapter_from_the_quantization_error(kd_setup, tmp_
     net, _ = load_finetuned(tmp_path / "eora")
     a = next(m for n, m in net.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_B"))
     assert float(a.lora_B["default"].weight.abs().sum()) > 0
+    # QLoRA's NF4 base: the error is against the float model the base was loaded from
+    nf4 = finetune_to_dir(str(teacher), kd_cfg(code, tmp_path / "cache", lora_init="eora", base="nf4", **kw),
+                          tmp_path / "nf4", progress=False)
+    assert nf4["eora_reference"] == str(teacher)
+    assert nf4["eora_quant_error_after"] < nf4["eora_quant_error_before"]
 
 
 def test_eora_leaves_lord_factor_pairs_at_zero(kd_setup, tmp_path):
@@ -308,7 +313,7 @@ def test_eora_refuses_a_base_without_its_float_source_and_bad_configs(kd_setup, 
     from finetune.eora import reference_dir
     from quant import QuantConfig, quantize_to_dir
 
-    teacher, _, _ = kd_setup
+    teacher, _, code = kd_setup
     qdir = tmp_path / "gptq"
     quantize_to_dir(str(teacher), QuantConfig(bits=4, group_size=32, n_seqs=4, seq_len=32), qdir)
     assert reference_dir(qdir, "gptq") == teacher
@@ -316,6 +321,10 @@ def test_eora_refuses_a_base_without_its_float_source_and_bad_configs(kd_setup, 
     (qdir / "lord_artifact.json").write_text(json.dumps({**meta, "source": str(tmp_path / "gone")}))
     with pytest.raises(Exception, match="gone"):
         reference_dir(qdir, "gptq")
+    with pytest.raises(FinetuneError, match="needs a 4-bit base"):
+        finetune_to_dir(str(teacher), kd_cfg(code, tmp_path / "cache", lora_init="eora", steps=1),
+                        tmp_path / "float", progress=False)  # base="float": nothing to compensate
+    assert not (tmp_path / "float").exists()
     with pytest.raises(FinetuneError, match="lora_init"):
         FinetuneConfig(lora_init="svd")
     with pytest.raises(FinetuneError, match="init_n_seqs"):
