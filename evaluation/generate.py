@@ -117,8 +117,8 @@ def generate_completions(
     have = {(r["task_id"], r["sample"]) for r in done}
     order = {t: i for i, t in enumerate(prompts)}
     todo = [(t, s) for t in prompts for s in range(cfg.n_samples) if (t, s) not in have]
-    texts = {t: prompt_text(tokenizer, p, cfg.strip_prompt) for t, p in prompts.items()}
-    lengths = {t: len(tokenizer(texts[t])["input_ids"]) for t in {t for t, _ in todo}}
+    texts = {t: prompt_text(tokenizer, prompts[t], cfg.strip_prompt) for t in {t for t, _ in todo}}
+    lengths = {t: len(tokenizer(text)["input_ids"]) for t, text in texts.items()}
     todo.sort(key=lambda ts: (-lengths[ts[0]], order[ts[0]], ts[1]))  # longest first: OOM shows at once
     records = [r for r in done if r["task_id"] in prompts]
     bar = tqdm(total=len(todo), desc="humaneval generate", disable=not progress, unit="completion")

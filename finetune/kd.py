@@ -104,18 +104,25 @@ def teacher_digest(spec: str) -> str:
 def kd_windows(tokenizer: Any, cfg: FinetuneConfig) -> tuple[torch.Tensor, dict[str, Any]]:
     """``kd_n_seqs`` windows of ``max_seq_len`` tokens from the calibration side of the code split (the stdlib,
     or ``cfg.data``: a directory of .py files or a corpus mix): never the held-out files perplexity is measured on."""
-    from sources import calibration_batches, code_split
     from sources.corpus import is_code_spec
 
     if cfg.data and not is_code_spec(cfg.data):
         raise FinetuneError(f"objective='kd' reads code: data={cfg.data!r} must be a directory of .py files or a "
                             f"corpus mix such as 'stdlib,pkg:numpy' (None: the stdlib calibration split); "
                             f"instruction JSONL is for objective='sft'.")
-    split = code_split(cfg.data)
-    ids = calibration_batches(tokenizer, split.calibration, n_seqs=cfg.kd_n_seqs, seq_len=cfg.max_seq_len,
-                              seed=cfg.seed)
+    ids, split = code_windows(tokenizer, cfg.data, cfg.kd_n_seqs, cfg)
     return ids, {"source": cfg.data or "stdlib", **split.describe(), "n_seqs": cfg.kd_n_seqs,
                  "seq_len": cfg.max_seq_len}
+
+
+def code_windows(tokenizer: Any, data: str | None, n_seqs: int, cfg: FinetuneConfig) -> tuple[torch.Tensor, Any]:
+    """``n_seqs`` seeded windows of ``cfg.max_seq_len`` tokens from the calibration side of ``data`` (a code
+    corpus spec; None = the stdlib), and the split they came from."""
+    from sources import calibration_batches, code_split
+
+    split = code_split(data)
+    return calibration_batches(tokenizer, split.calibration, n_seqs=n_seqs, seq_len=cfg.max_seq_len,
+                               seed=cfg.seed), split
 
 
 def cache_dir(cfg: FinetuneConfig) -> Path:

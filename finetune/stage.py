@@ -22,7 +22,7 @@ from .checkpoint import base_reference
 from .config import FinetuneConfig
 from .curves import plot_curve
 from .data import load_instructions, tokenize_split, validate_jsonl
-from .kd import kd_windows, resolve_teacher, teacher_targets, train_kd
+from .kd import code_windows, kd_windows, resolve_teacher, teacher_targets, train_kd
 from .merge import merge_to_float
 from .qlora import (
     attach_lora,
@@ -136,12 +136,10 @@ def finetune_to_dir(model: str, cfg: FinetuneConfig, out_dir: Path, progress: bo
 def init_windows(tokenizer: Any, cfg: FinetuneConfig) -> torch.Tensor:
     """``init_n_seqs`` calibration windows (the stdlib's calibration split, or ``cfg.data`` when it is code) for
     the adapter's initial statistics when the objective brings no code windows of its own (SFT)."""
-    from sources import calibration_batches, code_split
     from sources.corpus import is_code_spec
 
-    split = code_split(cfg.data if cfg.data and is_code_spec(cfg.data) else None)
-    return calibration_batches(tokenizer, split.calibration, n_seqs=cfg.init_n_seqs, seq_len=cfg.max_seq_len,
-                               seed=cfg.seed)
+    return code_windows(tokenizer, cfg.data if cfg.data and is_code_spec(cfg.data) else None, cfg.init_n_seqs,
+                        cfg)[0]
 
 
 def base_quant(kind: str, model_dir: Path, cfg: FinetuneConfig) -> dict[str, Any]:
