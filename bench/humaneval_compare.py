@@ -17,19 +17,22 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_results  # noqa: E402
+from evaluation.paired import compare_passes, load_passes  # noqa: E402
 
 
 def load(where: Path) -> dict[str, Any]:
     d = where / "humaneval" if (where / "humaneval").is_dir() else where
-    results = [json.loads(line) for line in (d / "results.jsonl").read_text().splitlines() if line.strip()]
+    passed = load_passes(d)
+    if passed is None:
+        raise SystemExit(f"{where}: no greedy HumanEval results (results.jsonl with one sample a problem)")
     cfg = json.loads((d / "config.json").read_text())
     metrics = json.loads((d / "metrics.json").read_text())
-    passed = {r["task_id"]: r["status"] == "passed" for r in results if r.get("sample", 0) == 0}
     return {"passed": passed, "config": cfg, "metrics": metrics}
 
 
 def compare(runs: dict[str, dict[str, Any]], reference: str) -> list[dict[str, Any]]:
-    """One record per variant; ``gained`` / ``lost``: problems it passes and the reference fails / the reverse."""
+    """One record per variant; ``gained`` / ``lost``: problems it passes and the reference fails / the reverse,
+    ``p_value``: McNemar's exact test of the difference (evaluation.paired)."""
     ref = runs[reference]["passed"]
     gen = {k: v for k, v in runs[reference]["config"]["generation"].items() if k != "batch_size"}
     records = []
@@ -40,12 +43,12 @@ def compare(runs: dict[str, dict[str, Any]], reference: str) -> list[dict[str, A
             raise SystemExit(f"{name}: evaluated other problems than {reference}")
         p = run["passed"]
         m = run["metrics"]
+        c = compare_passes(ref, p)
         records.append({
-            "variant": name, "model": m.get("model"), "n_problems": len(p), "n_passed": sum(p.values()),
-            "pass_at_1": sum(p.values()) / len(p), "generation_seconds": m.get("generation_seconds"),
-            "n_new_tokens": m.get("n_new_tokens"),
-            "gained": sorted(t for t in p if p[t] and not ref[t]), "lost": sorted(t for t in p if ref[t] and not p[t]),
-            "pass_at_1_change_problems": sum(p.values()) - sum(ref.values())})
+            "variant": name, "model": m.get("model"), "n_problems": c["n_problems"], "n_passed": c["n_passed"],
+            "pass_at_1": c["n_passed"] / c["n_problems"], "generation_seconds": m.get("generation_seconds"),
+            "n_new_tokens": m.get("n_new_tokens"), "gained": c["gained"], "lost": c["lost"],
+            "p_value": round(c["p_value"], 4), "pass_at_1_change_problems": c["n_passed"] - c["n_passed_reference"]})
     return records
 
 
@@ -61,7 +64,7 @@ def main() -> None:
     records = compare(runs, pairs[0][0])
     for r in records:
         print(f"{r['variant']}: {r['n_passed']}/{r['n_problems']} (pass@1 {r['pass_at_1']:.3f}), "
-              f"{len(r['gained'])} gained, {len(r['lost'])} lost vs {pairs[0][0]}")
+              f"{len(r['gained'])} gained, {len(r['lost'])} lost vs {pairs[0][0]} (McNemar p={r['p_value']:.3g})")
     first = runs[pairs[0][0]]["config"]
     write_results(args.name, {"reference": pairs[0][0], "dirs": dict(pairs), "generation": first["generation"],
                               "limit": first.get("limit"), "sandbox": first.get("sandbox")}, records)

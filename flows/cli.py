@@ -247,7 +247,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print()
     print(f"lord-pipeline ({result['preset']}, {result['model']})")
     print(format_table(result["rows"], ["variant", "params", "param_reduction", "size_mb", "ppl", "ppl_increase",
-                                        "pass_at_1"]))
+                                        "pass_at_1", "he_lost", "he_gained", "he_p"]))
     print()
     stages = [{"stage": s["label"], "status": "cached" if s["cached"] or s["reused"] else "computed",
                "seconds": s["seconds"], "dir": s["dir"]} for s in result["stages"]]

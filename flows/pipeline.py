@@ -174,13 +174,14 @@ class _Runner:
             cfg_name = "evaluate" if ends else "evaluate_intermediate"
             res = self._stage("evaluate", cfg_name, {"model": model}, label=f"evaluate[{variant}]")
             record["metrics"] = res.get("metrics", {})
+            record["eval_dir"] = self.records[-1]["dir"]
         self.variants.append(record)
 
     def _finish(self) -> None:
         rows = summary_rows(self.variants)
         metrics = {}
         for row in rows:
-            for k in ("ppl", "pass_at_1", "size_mb", "param_reduction"):
+            for k in ("ppl", "pass_at_1", "size_mb", "param_reduction", "he_lost", "he_p"):
                 if isinstance(row.get(k), (int, float)):
                     metrics[f"{row['variant']}.{k}"] = float(row[k])
         metrics["stages_computed"] = float(sum(not r["cached"] and not r["reused"] for r in self.records))

@@ -55,7 +55,24 @@ def summary_rows(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         if isinstance(r.get("n_params"), (int, float)) and isinstance(dense_params, (int, float)) and dense_params:
             r["param_reduction"] = 1.0 - r["n_params"] / dense_params
+    _paired_humaneval(variants, rows)
     return rows
+
+
+def _paired_humaneval(variants: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    """Each variant's HumanEval against dense on the problems both ran: lost / gained problems and McNemar's p
+    (``he_p``), so a pass@1 gap can be read as churn or as a loss (evaluation.paired)."""
+    from evaluation.paired import compare_passes, load_passes
+
+    passes = [load_passes(Path(v["eval_dir"])) if v.get("eval_dir") else None for v in variants]
+    dense = next((p for v, p in zip(variants, passes, strict=True) if v["variant"] == "dense"), None)
+    if not dense:
+        return
+    for v, p, row in zip(variants, passes, rows, strict=True):
+        if v["variant"] == "dense" or not p or not set(p) & set(dense):
+            continue
+        c = compare_passes(dense, p)
+        row.update(he_lost=len(c["lost"]), he_gained=len(c["gained"]), he_p=round(c["p_value"], 4))
 
 
 def _fmt(v: Any) -> str:

@@ -38,6 +38,10 @@ def test_smollm2_every_stage_tracked(prefect_api, tmp_path):
     assert rows["lord"]["ppl"] < 3 * rows["dense"]["ppl"]  # 2% reduction: damaged a little, not destroyed
     assert rows["lord+gptq4"]["size_mb"] < 0.5 * rows["lord"]["size_mb"]
     assert all(r["pass_at_1"] in (0.0, 1.0) for r in rows.values())  # one problem, greedy
+    for name in ("lord", "lord+gptq4", "lord+gptq4+qlora"):  # paired with dense on the same problem
+        r = rows[name]
+        assert r["he_lost"] + r["he_gained"] <= 1 and r["he_p"] == 1.0
+        assert rows["dense"]["pass_at_1"] - r["pass_at_1"] == r["he_lost"] - r["he_gained"]
 
     client = MlflowClient(tracking_uri=uri)
     kids = client.search_runs([res["experiment_id"]], f"tags.`mlflow.parentRunId` = '{res['mlflow_run_id']}'")
