@@ -4,7 +4,9 @@ stage merged one, else the recorded base with the peft adapter applied.
 Layout of an artifact directory written by ``finetune_to_dir``::
 
     config.json, model.safetensors, tokenizer*   merged float model (absent weights if merge=False)
-    adapter/                                     standard peft adapter (adapter_config.json + safetensors)
+    adapter/                                     standard peft adapter (adapter_config.json + safetensors); only
+                                                 the tokenizer when training kept the zero adapter (meta
+                                                 ``adapter`` None: the artifact is its base)
     lord_artifact.json, metrics.json, finetune_config.json, MANIFEST.json
 """
 
@@ -81,6 +83,10 @@ def load_finetuned(directory: str | Path, device: str = "cpu", dtype: torch.dtyp
     remote = bool(meta.get("trust_remote_code"))
     if meta.get("merged"):
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=remote, **kwargs)
+    elif meta.get("adapter", "adapter") is None:  # training kept the zero adapter: the base is the model
+        from sources import load_model
+
+        model, _ = load_model(str(resolve_base(directory, meta)), device=device, dtype=dtype)
     elif meta.get("base_kind") == "gptq":
         from peft import LoraConfig, PeftModel
 

@@ -108,10 +108,15 @@ def finetune_to_dir(model: str, cfg: FinetuneConfig, out_dir: Path, progress: bo
         "data": data_meta,
     }
     remote = kind == "lord"
+    merged = cfg.merge and kind != "gptq"
+    # training that kept a zero start (best_step 0) leaves an adapter adding nothing: ship no weights for it, so
+    # the artifact deploys as its base (no LoRA matmuls, no adapter bytes or parameters counted)
+    dropped = not merged and adapter_is_zero(peft_model)
+    metrics["adapter_dropped"] = dropped
     with atomic_dir(Path(out_dir)) as tmp:
-        peft_model.save_pretrained(tmp / "adapter")
+        if not dropped:
+            peft_model.save_pretrained(tmp / "adapter")
         tok.save_pretrained(tmp / "adapter")
-        merged = cfg.merge and kind != "gptq"
         if merged:
             float_model = merge_to_float(peft_model, Path(model_dir), tmp / "adapter", trust_remote_code=remote)
             float_model.save_pretrained(tmp)
@@ -123,7 +128,8 @@ def finetune_to_dir(model: str, cfg: FinetuneConfig, out_dir: Path, progress: bo
         write_artifact_meta(
             tmp, "adapter", source=str(model), base=base_reference(model_dir, Path(out_dir), str(model)),
             base_kind=kind, base_artifact=read_artifact_meta(Path(model_dir)) if kind != "dense" else None,
-            merged=merged, trust_remote_code=remote, adapter="adapter", data_sha256=data_meta["sha256"],
+            merged=merged, trust_remote_code=remote, adapter=None if dropped else "adapter",
+            data_sha256=data_meta["sha256"],
             config=cfg.to_dict(),
         )
         write_json_atomic(tmp / "finetune_config.json", cfg.to_dict())
@@ -131,6 +137,12 @@ def finetune_to_dir(model: str, cfg: FinetuneConfig, out_dir: Path, progress: bo
         metrics["total_seconds"] = time.perf_counter() - t_start
         write_json_atomic(tmp / "metrics.json", metrics)
     return metrics
+
+
+def adapter_is_zero(model: torch.nn.Module) -> bool:
+    """Whether every LoRA ``B`` is exactly zero, i.e. the adapter's update ``B A`` is nothing."""
+    bs = [p for n, p in model.named_parameters() if "lora_B" in n]
+    return bool(bs) and all(not p.detach().any() for p in bs)
 
 
 def init_windows(tokenizer: Any, cfg: FinetuneConfig) -> torch.Tensor:

@@ -329,3 +329,31 @@ def test_eora_refuses_a_base_without_its_float_source_and_bad_configs(kd_setup, 
         FinetuneConfig(lora_init="svd")
     with pytest.raises(FinetuneError, match="init_n_seqs"):
         FinetuneConfig(init_n_seqs=0)
+
+
+def test_a_zero_adapter_is_not_shipped(kd_setup, tmp_path):
+    """Training that keeps its zero start (no eval beat it) writes no adapter weights: the artifact loads as its
+    GPTQ base, same logits, no LoRA parameters, and evaluation counts no adapter bytes."""
+    from evaluation.evaluate import logical_params, model_size_mb
+    from finetune.checkpoint import load_finetuned
+    from quant import QuantConfig, quantize_to_dir
+    from sources import load_model
+
+    _, student, code = kd_setup
+    qdir = tmp_path / "gptq"
+    quantize_to_dir(str(student), QuantConfig(bits=4, group_size=32, n_seqs=4, seq_len=32), qdir)
+    kw = dict(steps=2, eval_every=1, early_stop_min_delta=10.0)  # no eval can beat the start by 10 nats
+    m = finetune_to_dir(str(qdir), kd_cfg(code, tmp_path / "cache", **kw), tmp_path / "ft", progress=False)
+    assert m["best_step"] == 0 and m["adapter_dropped"] is True
+    assert json.loads((tmp_path / "ft" / "lord_artifact.json").read_text())["adapter"] is None
+    assert not list((tmp_path / "ft").rglob("*.safetensors")) and model_size_mb(str(tmp_path / "ft")) == 0.0
+    net, _ = load_finetuned(tmp_path / "ft")
+    base, _ = load_model(str(qdir))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(net(input_ids=ids).logits, base(input_ids=ids).logits)
+    assert logical_params(net) == logical_params(base)
+    # an adapter that did learn is kept
+    kept = finetune_to_dir(str(qdir), kd_cfg(code, tmp_path / "cache", steps=8), tmp_path / "kept", progress=False)
+    assert kept["best_step"] > 0 and kept["adapter_dropped"] is False
+    assert (tmp_path / "kept" / "adapter" / "adapter_model.safetensors").is_file()
