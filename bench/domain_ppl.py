@@ -28,6 +28,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from bench.common import write_results  # noqa: E402
 
+DOMAINS = ("stdlib", "project", "humaneval")
+
 
 def humaneval_files(tmp: Path) -> list[Path]:
     """One file per problem: prompt + canonical solution, in file order."""
@@ -57,21 +59,26 @@ def main() -> None:
     ap.add_argument("--project", default="networkx", help="installed package whose held-out files are 'project'")
     ap.add_argument("--n-windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS)
+    ap.add_argument("--name", default="domain_ppl", help="results name (bench/results/<name>.json)")
     args = ap.parse_args()
     from evaluation.perplexity import PerplexityConfig, perplexity
     from sources import code_split, load_model
+    from sources.compute import compute_dtype
 
     cfg = PerplexityConfig(seq_len=args.seq_len, n_windows=args.n_windows, batch_size=4)
     models = [m.split("=", 1) for m in args.models]
     if any(len(m) != 2 for m in models):
         raise SystemExit("--models entries are LABEL=SPEC")
     with tempfile.TemporaryDirectory() as tmp:
-        domains = {"stdlib": code_split().heldout, "project": code_split(package_dir(args.project)).heldout,
-                   "humaneval": humaneval_files(Path(tmp))}
+        every = {"stdlib": lambda: code_split().heldout,
+                 "project": lambda: code_split(package_dir(args.project)).heldout,
+                 "humaneval": lambda: humaneval_files(Path(tmp))}
+        domains = {d: every[d]() for d in args.domains}
         records: list[dict] = []
         ref: dict[str, float] = {}
         for label, spec in models:
-            model, tok = load_model(spec)
+            model, tok = load_model(spec, dtype=compute_dtype("cpu", "auto"))  # as the evaluate stage computes
             for domain, files in domains.items():
                 t0 = time.perf_counter()
                 res = perplexity(model, tok, files, cfg, progress=False)
@@ -84,7 +91,7 @@ def main() -> None:
                 records.append(rec)
             del model
             gc.collect()
-    write_results("domain_ppl", {"ppl": cfg.to_dict(), "reference": models[0][0], "project": args.project,
+    write_results(args.name, {"ppl": cfg.to_dict(), "compute_dtype": str(compute_dtype("cpu", "auto")), "reference": models[0][0], "project": args.project,
                                  "domains": {"stdlib": "CPython stdlib held-out split (evaluate stage)",
                                              "project": f"held-out split of the installed {args.project} package",
                                              "humaneval": "164 x (prompt + canonical solution), in order"}},

@@ -56,6 +56,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--name", required=True, help="results name (bench/results/<name>.json)")
     ap.add_argument("runs", nargs="+", metavar="VARIANT=DIR", help="the first is the reference")
+    ap.add_argument("--pair", nargs="*", default=[], metavar="A:B",
+                    help="also compare B against A (e.g. one model under two batch sizes: the churn floor)")
+    ap.add_argument("--describe", nargs="*", default=[], metavar="VARIANT=TEXT", help="what each variant is")
     ap.add_argument("--quality-stage", nargs="*", default=[], metavar="VARIANT=STAGE",
                     help="also set pass_at_1 / n_problems on the 0.5B's quality.json record of STAGE")
     args = ap.parse_args()
@@ -65,9 +68,18 @@ def main() -> None:
     for r in records:
         print(f"{r['variant']}: {r['n_passed']}/{r['n_problems']} (pass@1 {r['pass_at_1']:.3f}), "
               f"{len(r['gained'])} gained, {len(r['lost'])} lost vs {pairs[0][0]} (McNemar p={r['p_value']:.3g})")
+    extra = []
+    for pair in args.pair:
+        a, b = pair.split(":", 1)
+        c = compare_passes(runs[a]["passed"], runs[b]["passed"])
+        extra.append({"reference": a, "variant": b, "n_problems": c["n_problems"], "gained": c["gained"],
+                      "lost": c["lost"], "p_value": round(c["p_value"], 4)})
+        print(f"{b} vs {a}: {len(c['gained'])} gained, {len(c['lost'])} lost (McNemar p={c['p_value']:.3g})")
     first = runs[pairs[0][0]]["config"]
     write_results(args.name, {"reference": pairs[0][0], "dirs": dict(pairs), "generation": first["generation"],
-                              "limit": first.get("limit"), "sandbox": first.get("sandbox")}, records)
+                              "limit": first.get("limit"), "sandbox": first.get("sandbox"),
+                              "variants": dict(d.split("=", 1) for d in args.describe)}, records,
+                  **({"pairs": extra} if extra else {}))
     if args.quality_stage:
         into_quality(records, dict(q.split("=", 1) for q in args.quality_stage), args.name)
 
