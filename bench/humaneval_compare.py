@@ -17,39 +17,56 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_results  # noqa: E402
-from evaluation.paired import compare_passes, load_passes  # noqa: E402
+from evaluation.humaneval import load_results  # noqa: E402
+from evaluation.paired import compare_passes, compare_rates, pass_rates_by_task, passed_by_task  # noqa: E402
 
 
 def load(where: Path) -> dict[str, Any]:
     d = where / "humaneval" if (where / "humaneval").is_dir() else where
-    passed = load_passes(d)
-    if passed is None:
-        raise SystemExit(f"{where}: no greedy HumanEval results (results.jsonl with one sample a problem)")
+    if not (d / "results.jsonl").is_file():
+        raise SystemExit(f"{where}: no HumanEval results.jsonl")
+    results = load_results(d)
     cfg = json.loads((d / "config.json").read_text())
     metrics = json.loads((d / "metrics.json").read_text())
-    return {"passed": passed, "config": cfg, "metrics": metrics}
+    return {"passed": passed_by_task(results), "rates": pass_rates_by_task(results), "config": cfg,
+            "metrics": metrics}
 
 
 def compare(runs: dict[str, dict[str, Any]], reference: str) -> list[dict[str, Any]]:
-    """One record per variant; ``gained`` / ``lost``: problems it passes and the reference fails / the reverse,
-    ``p_value``: McNemar's exact test of the difference (evaluation.paired)."""
-    ref = runs[reference]["passed"]
-    gen = {k: v for k, v in runs[reference]["config"]["generation"].items() if k != "batch_size"}
+    """One record per variant. Greedy runs: ``gained`` / ``lost`` problems (it passes and the reference fails /
+    the reverse) and McNemar's exact p; several samples a problem: problems it does better / worse on and the
+    sign-flip p of the mean per-problem pass@1 difference (evaluation.paired)."""
+    ref = runs[reference]
+    gen = {k: v for k, v in ref["config"]["generation"].items() if k != "batch_size"}
     records = []
     for name, run in runs.items():
         if {k: v for k, v in run["config"]["generation"].items() if k != "batch_size"} != gen:
             raise SystemExit(f"{name}: generation config differs from {reference}'s; not comparable")
-        if set(run["passed"]) != set(ref):
+        if set(run["rates"]) != set(ref["rates"]):
             raise SystemExit(f"{name}: evaluated other problems than {reference}")
-        p = run["passed"]
         m = run["metrics"]
-        c = compare_passes(ref, p)
-        records.append({
-            "variant": name, "model": m.get("model"), "n_problems": c["n_problems"], "n_passed": c["n_passed"],
-            "pass_at_1": c["n_passed"] / c["n_problems"], "generation_seconds": m.get("generation_seconds"),
-            "n_new_tokens": m.get("n_new_tokens"), "gained": c["gained"], "lost": c["lost"],
-            "p_value": round(c["p_value"], 4), "pass_at_1_change_problems": c["n_passed"] - c["n_passed_reference"]})
+        rec = {"variant": name, "model": m.get("model"), "generation_seconds": m.get("generation_seconds"),
+               "n_new_tokens": m.get("n_new_tokens")}
+        if run["passed"] is not None and ref["passed"] is not None:
+            c = compare_passes(ref["passed"], run["passed"])
+            rec.update(n_problems=c["n_problems"], n_passed=c["n_passed"], pass_at_1=c["n_passed"] / c["n_problems"],
+                       gained=c["gained"], lost=c["lost"], p_value=round(c["p_value"], 4),
+                       pass_at_1_change_problems=c["n_passed"] - c["n_passed_reference"])
+        else:
+            c = compare_rates(ref["rates"], run["rates"])
+            rec.update(n_problems=c["n_problems"], pass_at_1=c["pass_at_1"], n_better=c["n_better"],
+                       n_worse=c["n_worse"], p_value=round(c["p_value"], 4),
+                       pass_at_1_change_problems=(c["pass_at_1"] - c["pass_at_1_reference"]) * c["n_problems"])
+        records.append(rec)
     return records
+
+
+def _line(r: dict[str, Any], reference: str) -> str:
+    if "lost" in r:
+        return (f"{r['variant']}: {r['n_passed']}/{r['n_problems']} (pass@1 {r['pass_at_1']:.3f}), "
+                f"{len(r['gained'])} gained, {len(r['lost'])} lost vs {reference} (McNemar p={r['p_value']:.3g})")
+    return (f"{r['variant']}: pass@1 {r['pass_at_1']:.3f} on {r['n_problems']}, better on {r['n_better']}, worse on "
+            f"{r['n_worse']} vs {reference} (sign-flip p={r['p_value']:.3g})")
 
 
 def main() -> None:
@@ -66,15 +83,13 @@ def main() -> None:
     runs = {name: load(Path(d)) for name, d in pairs}
     records = compare(runs, pairs[0][0])
     for r in records:
-        print(f"{r['variant']}: {r['n_passed']}/{r['n_problems']} (pass@1 {r['pass_at_1']:.3f}), "
-              f"{len(r['gained'])} gained, {len(r['lost'])} lost vs {pairs[0][0]} (McNemar p={r['p_value']:.3g})")
+        print(_line(r, pairs[0][0]))
     extra = []
     for pair in args.pair:
         a, b = pair.split(":", 1)
-        c = compare_passes(runs[a]["passed"], runs[b]["passed"])
-        extra.append({"reference": a, "variant": b, "n_problems": c["n_problems"], "gained": c["gained"],
-                      "lost": c["lost"], "p_value": round(c["p_value"], 4)})
-        print(f"{b} vs {a}: {len(c['gained'])} gained, {len(c['lost'])} lost (McNemar p={c['p_value']:.3g})")
+        rec = compare({a: runs[a], b: runs[b]}, a)[-1]
+        extra.append({"reference": a, **rec})
+        print(_line(rec, a))
     first = runs[pairs[0][0]]["config"]
     write_results(args.name, {"reference": pairs[0][0], "dirs": dict(pairs), "generation": first["generation"],
                               "limit": first.get("limit"), "sandbox": first.get("sandbox"),

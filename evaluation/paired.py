@@ -40,6 +40,46 @@ def passed_by_task(results: Iterable[Mapping[str, Any]]) -> dict[str, bool] | No
     return out
 
 
+def pass_rates_by_task(results: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """task_id -> share of its samples that passed (pass@1 of the problem, unbiased for any n)."""
+    counts: dict[str, list[int]] = {}
+    for r in results:
+        c = counts.setdefault(r["task_id"], [0, 0])
+        c[0] += r["status"] == "passed"
+        c[1] += 1
+    return {t: k / n for t, (k, n) in counts.items()}
+
+
+def sign_flip_p(diffs: list[float], n_draws: int = 20000, seed: int = 0) -> float:
+    """Two-sided paired permutation p-value of ``mean(diffs) != 0``: under no difference each problem's
+    difference is as likely negated, so flip signs at random and count means at least as far from 0 (exact
+    enumeration up to 16 non-zero differences, else ``n_draws`` seeded draws, with the +1 correction)."""
+    import torch
+
+    d = torch.tensor([x for x in diffs if x != 0.0], dtype=torch.float64)
+    if d.numel() == 0:
+        return 1.0
+    observed = float(d.sum().abs()) - 1e-12
+    if d.numel() <= 16:
+        signs = ((torch.arange(2 ** d.numel()).unsqueeze(1) >> torch.arange(d.numel())) & 1) * 2 - 1
+        return float(((signs.double() @ d).abs() >= observed).double().mean())
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (n_draws, d.numel()), generator=g).double() * 2 - 1
+    return (int(((signs @ d).abs() >= observed).sum()) + 1) / (n_draws + 1)
+
+
+def compare_rates(reference: Mapping[str, float], other: Mapping[str, float]) -> dict[str, Any]:
+    """``other`` against ``reference`` with several samples a problem: mean pass@1 of each on the common problems,
+    how many problems each does better on, and the sign-flip p of the mean per-problem difference."""
+    common = sorted(set(reference) & set(other))
+    if not common:
+        raise EvalError("the two runs share no HumanEval problem; evaluate the same problems (e.g. the same --limit)")
+    diffs = [other[t] - reference[t] for t in common]
+    return {"n_problems": len(common), "pass_at_1_reference": sum(reference[t] for t in common) / len(common),
+            "pass_at_1": sum(other[t] for t in common) / len(common), "n_better": sum(x > 0 for x in diffs),
+            "n_worse": sum(x < 0 for x in diffs), "p_value": sign_flip_p(diffs)}
+
+
 def compare_passes(reference: Mapping[str, bool], other: Mapping[str, bool]) -> dict[str, Any]:
     """``other`` against ``reference`` on the problems both evaluated: counts, gained/lost ids and McNemar's p."""
     common = sorted(set(reference) & set(other))

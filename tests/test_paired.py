@@ -50,3 +50,37 @@ def test_load_passes_reads_an_eval_dir(tmp_path):
     assert load_passes(tmp_path / "eval") == {"x": True, "y": False}
     assert load_passes(he) == {"x": True, "y": False}
     assert load_passes(tmp_path / "missing") is None
+
+
+def test_sign_flip_is_mcnemar_on_one_sample_and_exact_when_small():
+    from evaluation.paired import sign_flip_p
+
+    # one sample a problem: differences are +-1, and the exact sign-flip test is McNemar's
+    for gained, lost in [(1, 4), (4, 9), (0, 7), (3, 3)]:
+        assert sign_flip_p([1.0] * gained + [-1.0] * lost + [0.0] * 20) == pytest.approx(mcnemar_exact(gained, lost))
+    assert sign_flip_p([0.0, 0.0]) == 1.0
+    # many differences: the seeded Monte Carlo agrees with the normal approximation of the sign-flip null
+    import math
+
+    diffs = [0.25] * 30 + [-0.25] * 14 + [0.5] * 3
+    z = abs(sum(diffs)) / math.sqrt(sum(x * x for x in diffs))
+    normal = math.erfc(z / math.sqrt(2))
+    assert sign_flip_p(diffs) == pytest.approx(normal, abs=0.01)
+
+
+def test_compare_rates_from_several_samples():
+    from evaluation.paired import compare_rates, pass_rates_by_task
+
+    def rows(rates):
+        return [{"task_id": t, "sample": i, "status": "passed" if i < k else "failed"}
+                for t, k in rates.items() for i in range(4)]
+
+    ref = pass_rates_by_task(rows({"a": 4, "b": 2, "c": 0, "d": 1}))
+    new = pass_rates_by_task(rows({"a": 3, "b": 2, "c": 1, "d": 0}))
+    assert ref == {"a": 1.0, "b": 0.5, "c": 0.0, "d": 0.25}
+    c = compare_rates(ref, new)
+    assert c["pass_at_1_reference"] == pytest.approx(1.75 / 4) and c["pass_at_1"] == pytest.approx(1.5 / 4)
+    assert c["n_better"] == 1 and c["n_worse"] == 2
+    assert c["p_value"] == 1.0  # diffs -1/4, 1/4, -1/4: every one of the 8 sign patterns has |sum| >= 1/4
+    worse = compare_rates(ref, pass_rates_by_task(rows({"a": 2, "b": 1, "c": 0, "d": 1})))
+    assert worse["n_worse"] == 2 and worse["p_value"] == 0.5  # diffs -1/2, -1/4: |sum| >= 3/4 in 2 of 4 patterns
