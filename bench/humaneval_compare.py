@@ -17,25 +17,23 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_results  # noqa: E402
-from evaluation.humaneval import load_results  # noqa: E402
-from evaluation.paired import compare_passes, compare_rates, pass_rates_by_task, passed_by_task  # noqa: E402
+from evaluation.paired import compare_outcomes, load_outcomes  # noqa: E402
 
 
 def load(where: Path) -> dict[str, Any]:
     d = where / "humaneval" if (where / "humaneval").is_dir() else where
-    if not (d / "results.jsonl").is_file():
+    rates = load_outcomes(d)
+    if rates is None:
         raise SystemExit(f"{where}: no HumanEval results.jsonl")
-    results = load_results(d)
     cfg = json.loads((d / "config.json").read_text())
     metrics = json.loads((d / "metrics.json").read_text())
-    return {"passed": passed_by_task(results), "rates": pass_rates_by_task(results), "config": cfg,
-            "metrics": metrics}
+    return {"rates": rates, "config": cfg, "metrics": metrics}
 
 
 def compare(runs: dict[str, dict[str, Any]], reference: str) -> list[dict[str, Any]]:
-    """One record per variant. Greedy runs: ``gained`` / ``lost`` problems (it passes and the reference fails /
-    the reverse) and McNemar's exact p; several samples a problem: problems it does better / worse on and the
-    sign-flip p of the mean per-problem pass@1 difference (evaluation.paired)."""
+    """One record per variant: problems it does better / worse on than the reference and the paired test's p
+    (greedy runs: McNemar's exact test, plus the ``gained`` / ``lost`` ids; several samples a problem: the
+    sign-flip test of the mean per-problem pass@1 difference; evaluation.paired)."""
     ref = runs[reference]
     gen = {k: v for k, v in ref["config"]["generation"].items() if k != "batch_size"}
     records = []
@@ -47,22 +45,18 @@ def compare(runs: dict[str, dict[str, Any]], reference: str) -> list[dict[str, A
         m = run["metrics"]
         rec = {"variant": name, "model": m.get("model"), "generation_seconds": m.get("generation_seconds"),
                "n_new_tokens": m.get("n_new_tokens")}
-        if run["passed"] is not None and ref["passed"] is not None:
-            c = compare_passes(ref["passed"], run["passed"])
-            rec.update(n_problems=c["n_problems"], n_passed=c["n_passed"], pass_at_1=c["n_passed"] / c["n_problems"],
-                       gained=c["gained"], lost=c["lost"], p_value=round(c["p_value"], 4),
-                       pass_at_1_change_problems=c["n_passed"] - c["n_passed_reference"])
-        else:
-            c = compare_rates(ref["rates"], run["rates"])
-            rec.update(n_problems=c["n_problems"], pass_at_1=c["pass_at_1"], n_better=c["n_better"],
-                       n_worse=c["n_worse"], p_value=round(c["p_value"], 4),
-                       pass_at_1_change_problems=(c["pass_at_1"] - c["pass_at_1_reference"]) * c["n_problems"])
+        c = compare_outcomes(ref["rates"], run["rates"])
+        rec.update({k: c[k] for k in ("n_problems", "pass_at_1", "n_better", "n_worse", "test")},
+                   p_value=round(c["p_value"], 4),
+                   pass_at_1_change_problems=round((c["pass_at_1"] - c["pass_at_1_reference"]) * c["n_problems"], 2))
+        if c["test"] == "mcnemar":
+            rec.update(n_passed=c["n_passed"], gained=c["gained"], lost=c["lost"])
         records.append(rec)
     return records
 
 
 def _line(r: dict[str, Any], reference: str) -> str:
-    if "lost" in r:
+    if r["test"] == "mcnemar":
         return (f"{r['variant']}: {r['n_passed']}/{r['n_problems']} (pass@1 {r['pass_at_1']:.3f}), "
                 f"{len(r['gained'])} gained, {len(r['lost'])} lost vs {reference} (McNemar p={r['p_value']:.3g})")
     return (f"{r['variant']}: pass@1 {r['pass_at_1']:.3f} on {r['n_problems']}, better on {r['n_better']}, worse on "

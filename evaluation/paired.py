@@ -28,18 +28,6 @@ def mcnemar_exact(gained: int, lost: int) -> float:
     return min(1.0, 2.0 * tail)
 
 
-def passed_by_task(results: Iterable[Mapping[str, Any]]) -> dict[str, bool] | None:
-    """task_id -> passed, from ``results.jsonl`` rows of a greedy run (one sample a problem); None when some
-    problem has several samples (pass@1 is then a rate per problem, not a pass/fail pair to compare)."""
-    out: dict[str, bool] = {}
-    for r in results:
-        task = r["task_id"]
-        if task in out:
-            return None
-        out[task] = r["status"] == "passed"
-    return out
-
-
 def pass_rates_by_task(results: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     """task_id -> share of its samples that passed (pass@1 of the problem, unbiased for any n)."""
     counts: dict[str, list[int]] = {}
@@ -92,14 +80,24 @@ def compare_passes(reference: Mapping[str, bool], other: Mapping[str, bool]) -> 
             "p_value": mcnemar_exact(len(gained), len(lost))}
 
 
-def load_passes(eval_dir: Path) -> dict[str, bool] | None:
-    """The per-problem outcome of an evaluation output dir (``lord eval`` / the evaluate stage, or a HumanEval
-    dir itself); None when it has no greedy HumanEval results."""
+def load_outcomes(eval_dir: Path) -> dict[str, float] | None:
+    """Per-problem pass@1 of an evaluation output dir (``lord eval`` / the evaluate stage, or a HumanEval dir
+    itself): 0/1 for a greedy run, the passing share of its samples otherwise; None without HumanEval results."""
     d = Path(eval_dir)
     d = d / "humaneval" if (d / "humaneval").is_dir() else d
-    path = d / "results.jsonl"
-    if not path.is_file():
+    if not (d / "results.jsonl").is_file():
         return None
     from .humaneval import load_results
 
-    return passed_by_task(load_results(d))
+    return pass_rates_by_task(load_results(d))
+
+
+def compare_outcomes(reference: Mapping[str, float], other: Mapping[str, float]) -> dict[str, Any]:
+    """McNemar's test when both are greedy (every outcome 0 or 1), else the sign-flip test of the rates; the
+    same keys either way: ``n_worse`` / ``n_better`` problems and ``p_value``."""
+    if all(v in (0.0, 1.0) for v in (*reference.values(), *other.values())):
+        c = compare_passes({t: v == 1.0 for t, v in reference.items()}, {t: v == 1.0 for t, v in other.items()})
+        n = c["n_problems"]
+        return {**c, "n_worse": len(c["lost"]), "n_better": len(c["gained"]), "pass_at_1": c["n_passed"] / n,
+                "pass_at_1_reference": c["n_passed_reference"] / n, "test": "mcnemar"}
+    return {**compare_rates(reference, other), "test": "sign-flip"}

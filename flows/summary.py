@@ -60,19 +60,20 @@ def summary_rows(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _paired_humaneval(variants: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
-    """Each variant's HumanEval against dense on the problems both ran: lost / gained problems and McNemar's p
-    (``he_p``), so a pass@1 gap can be read as churn or as a loss (evaluation.paired)."""
-    from evaluation.paired import compare_passes, load_passes
+    """Each variant's HumanEval against dense on the problems both ran: problems it does worse / better on
+    (``he_lost`` / ``he_gained``) and the paired test's p (``he_p``), so a pass@1 gap reads as churn or as a loss
+    (evaluation.paired)."""
+    from evaluation.paired import compare_outcomes, load_outcomes
 
-    passes = [load_passes(Path(v["eval_dir"])) if v.get("eval_dir") else None for v in variants]
-    dense = next((p for v, p in zip(variants, passes, strict=True) if v["variant"] == "dense"), None)
+    outcomes = [load_outcomes(Path(v["eval_dir"])) if v.get("eval_dir") else None for v in variants]
+    dense = next((o for v, o in zip(variants, outcomes, strict=True) if v["variant"] == "dense"), None)
     if not dense:
         return
-    for v, p, row in zip(variants, passes, rows, strict=True):
-        if v["variant"] == "dense" or not p or not set(p) & set(dense):
+    for v, o, row in zip(variants, outcomes, rows, strict=True):
+        if v["variant"] == "dense" or not o or not set(o) & set(dense):
             continue
-        c = compare_passes(dense, p)
-        row.update(he_lost=len(c["lost"]), he_gained=len(c["gained"]), he_p=round(c["p_value"], 4))
+        c = compare_outcomes(dense, o)
+        row.update(he_lost=c["n_worse"], he_gained=c["n_better"], he_p=round(c["p_value"], 4))
 
 
 def _fmt(v: Any) -> str:

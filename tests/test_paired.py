@@ -9,7 +9,13 @@ import pytest
 from scipy.stats import binomtest
 
 from evaluation.errors import EvalError
-from evaluation.paired import compare_passes, load_passes, mcnemar_exact, passed_by_task
+from evaluation.paired import (
+    compare_outcomes,
+    compare_passes,
+    load_outcomes,
+    mcnemar_exact,
+    pass_rates_by_task,
+)
 
 
 @pytest.mark.parametrize(("gained", "lost"), [(0, 0), (0, 1), (4, 9), (9, 4), (0, 7), (3, 3), (20, 41)])
@@ -28,28 +34,32 @@ def _rows(outcomes: dict[str, str]) -> list[dict[str, object]]:
 
 
 def test_compare_passes_counts_discordant_problems_on_common_ids():
-    dense = passed_by_task(_rows({"a": "passed", "b": "passed", "c": "failed", "d": "passed", "e": "failed"}))
-    small = passed_by_task(_rows({"a": "passed", "b": "timeout", "c": "passed", "d": "failed"}))  # no "e"
+    dense = {"a": True, "b": True, "c": False, "d": True, "e": False}
+    small = {"a": True, "b": False, "c": True, "d": False}  # no "e"
     c = compare_passes(dense, small)
     assert c["n_problems"] == 4 and c["n_passed_reference"] == 3 and c["n_passed"] == 2
     assert c["gained"] == ["c"] and c["lost"] == ["b", "d"]
     assert c["p_value"] == pytest.approx(1.0)  # 1 vs 2 of 3 discordant: 2 * 4/8 capped at 1
 
 
-def test_several_samples_or_no_overlap_are_not_paired(tmp_path):
-    multi = [{"task_id": "a", "sample": i, "status": "passed"} for i in range(2)]
-    assert passed_by_task(multi) is None
+def test_no_common_problem_is_an_error():
     with pytest.raises(EvalError, match="share no HumanEval problem"):
         compare_passes({"a": True}, {"b": False})
+    assert pass_rates_by_task(_rows({"a": "timeout"})) == {"a": 0.0}
 
 
-def test_load_passes_reads_an_eval_dir(tmp_path):
+def test_load_outcomes_reads_an_eval_dir_and_picks_the_test(tmp_path):
     he = tmp_path / "eval" / "humaneval"
     he.mkdir(parents=True)
     (he / "results.jsonl").write_text("\n".join(json.dumps(r) for r in _rows({"x": "passed", "y": "error"})) + "\n")
-    assert load_passes(tmp_path / "eval") == {"x": True, "y": False}
-    assert load_passes(he) == {"x": True, "y": False}
-    assert load_passes(tmp_path / "missing") is None
+    assert load_outcomes(tmp_path / "eval") == {"x": 1.0, "y": 0.0}
+    assert load_outcomes(he) == {"x": 1.0, "y": 0.0}
+    assert load_outcomes(tmp_path / "missing") is None
+    greedy = compare_outcomes({"x": 1.0, "y": 0.0}, {"x": 0.0, "y": 0.0})
+    assert greedy["test"] == "mcnemar" and greedy["lost"] == ["x"] and greedy["n_worse"] == 1
+    assert greedy["pass_at_1"] == 0.0 and greedy["pass_at_1_reference"] == 0.5
+    sampled = compare_outcomes({"x": 1.0, "y": 0.0}, {"x": 0.5, "y": 0.0})
+    assert sampled["test"] == "sign-flip" and sampled["n_worse"] == 1 and sampled["pass_at_1"] == 0.25
 
 
 def test_sign_flip_is_mcnemar_on_one_sample_and_exact_when_small():
@@ -69,7 +79,7 @@ def test_sign_flip_is_mcnemar_on_one_sample_and_exact_when_small():
 
 
 def test_compare_rates_from_several_samples():
-    from evaluation.paired import compare_rates, pass_rates_by_task
+    from evaluation.paired import compare_rates
 
     def rows(rates):
         return [{"task_id": t, "sample": i, "status": "passed" if i < k else "failed"}
