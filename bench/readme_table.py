@@ -37,6 +37,7 @@ COLUMNS: dict[str, list[str]] = {
     "lord_share": ["reduction", "plan", "n_groups_factored", "param_reduction", "ppl", "ppl_increase"],
     "domain_ppl": ["model", "domain", "ppl", "bits_per_byte", "bpb_increase", "n_tokens"],
     "quant_grid": ["base", "variant", "ppl_float", "ppl", "ppl_ratio_vs_float", "size_mb", "quantize_seconds"],
+    "humaneval_noise": ["variant", "n_problems", "pass_at_1", "n_passed", "n_worse", "n_better", "p_value", "test"],
 }
 # Records worth a row (the rest stay in the json): reliability's detail rows are many.
 KEEP = {"reliability": lambda r: r.get("variant") == "summary"}
