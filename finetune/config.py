@@ -71,6 +71,9 @@ class FinetuneConfig:
     early_stop_min_delta: float = 0.0
     merge: bool = True
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~30% slower
+    # GPTQ base: keep one dequantized copy of each layer for the run (True), dequantize at every call (False),
+    # or cache when the copies need <= 25% of free memory (None; finetune.gptq_lora.base_cache_fits)
+    cache_base: bool | None = None
     seed: int = 0
     device: str = "cpu"
 

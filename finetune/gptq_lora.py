@@ -1,9 +1,11 @@
 """LoRA on our GPTQ base (``quant.QuantLinear``): the alternative to an NF4 base.
 
 peft ships ``GPTQLoraLinear`` for auto-gptq / gptqmodel layers; ours is registered as a custom module. The
-base matmul runs through ``_DequantLinear``, which dequantizes the int weight in forward and again in backward
-instead of keeping it: autograd would otherwise hold every layer's float weight from forward until backward,
-i.e. the whole float model, and the point of a quantized base (memory) would be lost.
+base matmul runs through ``_DequantLinear``, which never saves the float weight for backward (autograd would
+otherwise hold every layer's float weight from forward until backward). Where the whole base fits comfortably
+in memory in the compute dtype (``FinetuneConfig.cache_base``, ``base_cache_fits``), each layer keeps one
+dequantized copy for the run: a step then costs what a float model's does. Otherwise it dequantizes in forward
+and again in backward, which on the 0.5B was most of a CPU step (measured in bench/kd_speed.py).
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ class _DequantLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        ctx.layer = layer
-        w = layer.dequantize().to(x.dtype)
+        from quant.qlinear import matmul_dtype
+
+        ctx.layer, ctx.dtype, ctx.x_dtype = layer, matmul_dtype(x), x.dtype
+        w = layer.weight_as(ctx.dtype, x.device)
         bias = None if layer.bias is None else layer.bias.to(x.dtype)
         return F.linear(x, w, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
-        w = ctx.layer.dequantize().to(grad_out.dtype)
-        return grad_out @ w, None
+        # the forward's matmul dtype, so a cached weight is reused, never re-dequantized in another dtype
+        w = ctx.layer.weight_as(ctx.dtype, grad_out.device)
+        return (grad_out.to(ctx.dtype) @ w).to(ctx.x_dtype), None
 
 
 def quant_linear_type() -> type[nn.Module] | None:
@@ -40,9 +45,9 @@ def quant_linear_type() -> type[nn.Module] | None:
 
 
 def prepare_quant_linears(model: nn.Module, cache: bool = False) -> int:
-    """Make our QuantLinears peft-readable (auto-gptq's ``infeatures``/``outfeatures``). For training
-    (``cache=False``) also stop their float weight cache (it would keep a float copy of every layer); for
-    inference keep it, or generation dequantizes every weight at every token. Returns how many were found."""
+    """Make our QuantLinears peft-readable (auto-gptq's ``infeatures``/``outfeatures``) and set their float
+    weight cache: on for inference (or generation dequantizes every weight at every token) and for training
+    when ``base_cache_fits``; off keeps no float copy of any layer. Returns how many were found."""
     cls = quant_linear_type()
     if cls is None:
         return 0
@@ -55,6 +60,28 @@ def prepare_quant_linears(model: nn.Module, cache: bool = False) -> int:
                 module._weight = None
             n += 1
     return n
+
+
+CACHE_MEMORY_SHARE = 0.25  # auto caches the dequantized base if it needs at most this share of free memory
+
+
+def base_cache_fits(model: nn.Module, dtype: torch.dtype, device: str, requested: bool | None = None) -> bool:
+    """Whether training keeps a dequantized copy of every QuantLinear: ``requested`` if given, else whether
+    those copies (in ``dtype``) take at most ``CACHE_MEMORY_SHARE`` of the memory free on ``device``."""
+    if requested is not None:
+        return requested
+    cls = quant_linear_type()
+    if cls is None:
+        return False
+    need = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, cls))
+    need *= torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type == "cuda":
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        from artifacts.resources import available_memory_bytes
+
+        free = available_memory_bytes()
+    return need <= CACHE_MEMORY_SHARE * free
 
 
 def register(lora_config: Any) -> None:

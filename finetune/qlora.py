@@ -121,10 +121,16 @@ def attach_lora(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=names, bias="none", task_type="CAUSAL_LM")
-    if gptq_lora.prepare_quant_linears(model):
+    if gptq_lora.prepare_quant_linears(model, cache=_cache_base(model, cfg)):
         gptq_lora.register(lora)
     torch.manual_seed(cfg.seed)  # LoRA's A is randomly initialised (B = 0): seed it so runs repeat
     return get_peft_model(model, lora)
+
+
+def _cache_base(model: nn.Module, cfg: FinetuneConfig) -> bool:
+    from sources.compute import compute_dtype
+
+    return gptq_lora.base_cache_fits(model, compute_dtype(cfg.device, cfg.dtype), cfg.device, cfg.cache_base)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -95,7 +95,7 @@ def finetune_to_dir(model: str, cfg: FinetuneConfig, out_dir: Path, progress: bo
     train_peak = memory.peak_rss_mb()
     metrics: dict[str, Any] = {
         "model": str(model), "base_dir": str(model_dir), "base_kind": kind, **base_quant(kind, Path(model_dir), cfg),
-        "objective": cfg.objective,
+        "objective": cfg.objective, "base_cached": _base_cached(peft_model),
         **init_meta, **describe(result),
         "train_loss_reduction": result.train_loss_first - result.train_loss_last,
         **sizes,
@@ -152,6 +152,15 @@ def init_windows(tokenizer: Any, cfg: FinetuneConfig) -> torch.Tensor:
 
     return code_windows(tokenizer, cfg.data if cfg.data and is_code_spec(cfg.data) else None, cfg.init_n_seqs,
                         cfg)[0]
+
+
+def _base_cached(model: torch.nn.Module) -> bool | None:
+    """Whether the GPTQ base kept a dequantized copy of its layers while training (None: not a GPTQ base)."""
+    from .gptq_lora import quant_linear_type
+
+    cls = quant_linear_type()
+    flags = [m.cache for m in model.modules() if cls is not None and isinstance(m, cls)]
+    return all(flags) if flags else None
 
 
 def base_quant(kind: str, model_dir: Path, cfg: FinetuneConfig) -> dict[str, Any]:

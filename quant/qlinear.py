@@ -16,6 +16,16 @@ from quant.pack import pack_qweight, pack_qzeros, packed_len, unpack_qweight, un
 from quant.result import QuantizedWeight, n_groups
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.Tensor:
+    """The dtype ``F.linear(x, w)`` multiplies in: autocast's where it is on (a float32 residual stream under bf16
+    autocast multiplies in bf16), else ``x``'s. The weight cache holds that dtype, so autocast does not cast a
+    float32 copy of every weight at every call."""
+    kind = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
 class QuantLinear(nn.Module):
     def __init__(
         self,
@@ -73,12 +83,17 @@ class QuantLinear(nn.Module):
             w.view(-1)[self.outlier_idx.long()] = self.outlier_val.float()
         return w
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def weight_as(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The float weight in ``dtype`` on ``device``: the cached copy (``cache``), else a fresh dequantize."""
         w = self._weight
-        if w is None or w.device != x.device or w.dtype != x.dtype:
-            w = self.dequantize().to(device=x.device, dtype=x.dtype)
+        if w is None or w.device != device or w.dtype != dtype:
+            w = self.dequantize().to(device=device, dtype=dtype)
             if self.cache:
                 self._weight = w
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_as(matmul_dtype(x), x.device)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, w, bias)
 

@@ -242,6 +242,42 @@ def test_dequant_linear_gradient_matches_float():
     assert torch.allclose(x.grad, x2.grad, atol=1e-5)
 
 
+def test_cached_gptq_base_trains_like_the_uncached_one():
+    """A cached base (one dequantized copy per layer, in the matmul dtype) gives the uncached path's output and
+    input gradient, under bf16 autocast too, and keeps a single copy: backward reuses it, never re-dequantizes."""
+    from finetune.gptq_lora import _DequantLinear, base_cache_fits
+    from quant.qlinear import QuantLinear
+    from quant.rtn import rtn_quantize
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 48)
+    qw = rtn_quantize(dense.weight.detach(), bits=4, group_size=32, sym=True)
+    for autocast_dtype in (None, torch.bfloat16):
+        grads, outs, layers = [], [], []
+        for cache in (False, True):
+            layer = QuantLinear.from_quantized(qw, dense.bias, cache=cache)
+            x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                y = _DequantLinear.apply(x, layer)
+            y.float().pow(2).sum().backward()
+            grads.append(x.grad)
+            outs.append(y.detach())
+            layers.append(layer)
+        assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+        assert layers[0]._weight is None  # uncached: no float copy survives the step
+        assert layers[1]._weight.dtype == (autocast_dtype or torch.float32)
+        calls = []
+        layers[1].dequantize = lambda: calls.append(1)  # a second dequantize would be a bug now
+        x = torch.randn(3, 64, requires_grad=True)
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            _DequantLinear.apply(x, layers[1]).float().sum().backward()
+        assert not calls
+    model = torch.nn.Sequential(QuantLinear.from_quantized(qw, dense.bias))
+    assert base_cache_fits(model, torch.bfloat16, "cpu") is True  # 6 KB of bf16 fits any machine
+    assert base_cache_fits(model, torch.bfloat16, "cpu", requested=False) is False
+    assert base_cache_fits(torch.nn.Linear(4, 4), torch.float32, "cpu", requested=True) is True
+
+
 def test_isolated_run_reports_its_own_peak(tiny_dir, data_file, tmp_path):
     from finetune import finetune_in_subprocess
 
