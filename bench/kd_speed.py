@@ -51,6 +51,7 @@ def main() -> None:
                         "peak_rss_mb": round(statistics.median(m["peak_rss_mb"] for m in ms), 1),
                         "eval_loss_before": round(ms[0]["eval_loss_before"], 6),
                         "eval_loss_after": round(ms[0]["eval_loss_after"], 6),
+                        "eval_loss_end": round(ms[0]["eval_history"][-1][1], 6),
                         "train_loss_last": round(ms[0]["train_loss_last"], 6)})
     slow, fast = records
     fast["speedup_ratio"] = round(slow["seconds_per_step"] / fast["seconds_per_step"], 2)

@@ -375,7 +375,8 @@ def _cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     from finetune.cli import run_finetune
 
     extra = parse_overrides(args.overrides, "finetune").get("finetune", {})
-    return run_finetune(args.model, args.out, data=args.data, steps=args.steps, lora_r=args.lora_r, **extra)
+    # a --set of steps / lora_r wins over the flag's default (`--set steps=null`: bounded by budget_minutes alone)
+    return run_finetune(args.model, args.out, data=args.data, **{"steps": args.steps, "lora_r": args.lora_r, **extra})
 
 
 def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:

@@ -338,3 +338,19 @@ def test_gradient_checkpointing_same_gradients_on_lord_base(tiny_lord_dir, data_
     assert grads[0].keys() == grads[1].keys() and any(g.abs().sum() > 0 for g in grads[0].values())
     for n, g in grads[0].items():
         assert torch.allclose(g, grads[1][n], atol=1e-5, rtol=1e-4), n
+
+
+def test_cli_finetune_bounded_by_time_alone(tiny_dir, data_file, tmp_path, capsys):
+    """`lord finetune --set steps=null --set budget_minutes=M`: the CLI's own --steps default must not collide
+    with the override (it raised a TypeError), and the run stops on its time budget."""
+    import json
+
+    from flows.cli import main
+
+    out = tmp_path / "ft-budget"
+    assert main(["finetune", "--model", str(tiny_dir), "--out", str(out), "--data", str(data_file),
+                 "--set", "steps=null", "--set", "budget_minutes=0.05", "--set", "n_eval=4",
+                 "--set", "max_seq_len=64", "--set", "micro_batch_size=2", "--set", "grad_accum_steps=1",
+                 "--set", "merge=false", "--set", "dtype=float32"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["budget_stop"] and metrics["steps_done"] >= 1
