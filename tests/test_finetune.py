@@ -267,7 +267,7 @@ def test_cached_gptq_base_trains_like_the_uncached_one():
         assert layers[0]._weight is None  # uncached: no float copy survives the step
         assert layers[1]._weight.dtype == (autocast_dtype or torch.float32)
         calls = []
-        layers[1].dequantize = lambda: calls.append(1)  # a second dequantize would be a bug now
+        layers[1].dequantize = lambda calls=calls: calls.append(1)  # a second dequantize would be a bug now
         x = torch.randn(3, 64, requires_grad=True)
         with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             _DequantLinear.apply(x, layers[1]).float().sum().backward()
