@@ -70,6 +70,9 @@ def main() -> None:
     ap.add_argument("--pair", nargs="*", default=[], metavar="A:B",
                     help="also compare B against A (e.g. one model under two batch sizes: the churn floor)")
     ap.add_argument("--describe", nargs="*", default=[], metavar="VARIANT=TEXT", help="what each variant is")
+    ap.add_argument("--group", nargs="*", default=[], metavar="NAME=V1,V2,...",
+                    help="a summary record over variants that differ only by a seed (mean, sd, min, max passes "
+                         "and each member's paired p), plus a strip plot bench/results/<name>_groups.png")
     ap.add_argument("--quality-stage", nargs="*", default=[], metavar="VARIANT=STAGE",
                     help="also set pass_at_1 / n_problems on the 0.5B's quality.json record of STAGE")
     args = ap.parse_args()
@@ -84,6 +87,13 @@ def main() -> None:
         rec = compare({a: runs[a], b: runs[b]}, a)[-1]
         extra.append({"reference": a, **rec})
         print(_line(rec, a))
+    groups = [group_record(g, records) for g in args.group]
+    for g in groups:
+        print(f"{g['variant']}: {g['n_passed_mean']:.1f} +- {g['n_passed_sd']:.1f} passed over {g['n_members']} seeds "
+              f"(min {g['n_passed_min']}, max {g['n_passed_max']}; {pairs[0][0]} {g['reference_n_passed']})")
+    if groups:
+        plot_groups(args.name, groups, records, pairs[0][0])
+    records += groups
     first = runs[pairs[0][0]]["config"]
     write_results(args.name, {"reference": pairs[0][0], "dirs": dict(pairs), "generation": first["generation"],
                               "limit": first.get("limit"), "sandbox": first.get("sandbox"),
@@ -91,6 +101,55 @@ def main() -> None:
                   **({"pairs": extra} if extra else {}))
     if args.quality_stage:
         into_quality(records, dict(q.split("=", 1) for q in args.quality_stage), args.name)
+
+
+def group_record(spec: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, sd, min and max of the passes of the variants in ``spec`` (NAME=V1,V2,...): one configuration's
+    spread over calibration seeds, the noise floor a single HumanEval run of it cannot show."""
+    import statistics
+
+    name, _, members = spec.partition("=")
+    by_variant = {r["variant"]: r for r in records}
+    missing = [m for m in members.split(",") if m not in by_variant]
+    if not members or missing:
+        raise SystemExit(f"--group {spec!r}: unknown variants {missing or '(none given)'}")
+    rows = [by_variant[m] for m in members.split(",")]
+    passed = [r["n_passed"] for r in rows]
+    ref = records[0]
+    return {"variant": name, "group": True, "members": [r["variant"] for r in rows], "n_members": len(rows),
+            "n_problems": rows[0]["n_problems"], "n_passed_mean": round(statistics.mean(passed), 2),
+            "n_passed_sd": round(statistics.stdev(passed), 2) if len(passed) > 1 else 0.0,
+            "n_passed_min": min(passed), "n_passed_max": max(passed),
+            "pass_at_1": round(statistics.mean(r["pass_at_1"] for r in rows), 4),
+            "reference_n_passed": ref["n_passed"], "p_values": [r["p_value"] for r in rows]}
+
+
+def plot_groups(name: str, groups: list[dict[str, Any]], records: list[dict[str, Any]], reference: str) -> None:
+    """Passes of every member of every group (one column each), the reference as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.common import RESULTS
+
+    by_variant = {r["variant"]: r for r in records}
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.8 + 1.6 * len(groups)), 4.2))
+    for i, g in enumerate(groups):
+        ys = [by_variant[m]["n_passed"] for m in g["members"]]
+        ax.scatter([i] * len(ys), ys, s=40, zorder=3)
+        ax.errorbar([i + 0.15], [g["n_passed_mean"]], yerr=[g["n_passed_sd"]], fmt="_", color="black", capsize=4)
+    ax.axhline(records[0]["n_passed"], ls="--", color="gray", label=f"{reference} {records[0]['n_passed']}")
+    ax.set_xticks(range(len(groups)), [g["variant"] for g in groups], rotation=15)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_ylabel(f"HumanEval problems passed (of {groups[0]['n_problems']}, greedy)")
+    ax.set_title("each column: one config, several calibration seeds", fontsize=10)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    out = RESULTS / f"{name}_groups.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}")
 
 
 def into_quality(records: list[dict[str, Any]], stages: dict[str, str], name: str) -> None:
