@@ -1,4 +1,6 @@
-"""Render the latest bench/results/*.json as markdown tables into README.md (between the results markers).
+"""Render the latest bench/results/*.json as markdown tables: every benchmark into docs/RESULTS.md, and the
+short headline tables (the `make run` summary, HumanEval-164 stage by stage) into README.md, each between its
+results markers. The README stays a five-minute read; the full tables are one link away.
 
 Run: .venv/bin/python bench/readme_table.py   (make bench runs it last)
 """
@@ -37,8 +39,16 @@ COLUMNS: dict[str, list[str]] = {
     "lord_share": ["reduction", "plan", "n_groups_factored", "param_reduction", "ppl", "ppl_increase"],
     "domain_ppl": ["model", "domain", "ppl", "bits_per_byte", "bpb_increase", "n_tokens"],
     "quant_grid": ["base", "variant", "ppl_float", "ppl", "ppl_ratio_vs_float", "size_mb", "quantize_seconds"],
+    "quality": ["stage", "plan", "param_reduction", "size_mb", "ppl", "ppl_increase", "n_passed", "n_problems",
+                "pass_at_1", "passed_also_by_dense"],
+    "kd_speed": ["variant", "steps", "seconds_per_step", "speedup_ratio", "peak_rss_mb", "peak_rss_ratio",
+                 "eval_loss_before", "eval_loss_after"],
     "humaneval_noise": ["variant", "n_problems", "pass_at_1", "n_passed", "n_worse", "n_better", "p_value", "test"],
 }
+# The README's short tables: the main command's summary and HumanEval on all 164 problems under the current
+# prompt protocol (stop 28 on); everything else is in docs/RESULTS.md.
+HEADLINE = ["make_run", "quality"]
+HEADLINE_KEEP = {"quality": lambda r: r.get("humaneval_prompt") == "auto" and r.get("n_problems") == 164}
 # Records worth a row (the rest stay in the json): reliability's detail rows are many.
 KEEP = {"reliability": lambda r: r.get("variant") == "summary"}
 # Sort so a table reads as a sweep.
@@ -62,13 +72,18 @@ def table(records: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def render() -> str:
+def render(names: list[str] | None = None, image_prefix: str = "../") -> str:
+    """Tables of every results file (or only ``names``); image links relative to the page they go in."""
     files = sorted(RESULTS.glob("*.json"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
+    if names is not None:
+        files = [p for p in files if p.stem in names]
     out = []
     for path in files:
         doc = json.loads(path.read_text())
         name = doc.get("benchmark", path.stem)
         recs = [r for r in doc.get("records", []) if KEEP.get(name, lambda _: True)(r)]
+        if names is not None and name in HEADLINE_KEEP:
+            recs = [r for r in recs if HEADLINE_KEEP[name](r)]
         if name in SORT:
             recs = sorted(recs, key=SORT[name])
         if not recs:
@@ -84,19 +99,23 @@ def render() -> str:
                    f"{env.get('torch', '?')}, {env.get('threads', '?')} threads, {env.get('device', '?')})\n")
         out.append(table(recs, cols) + "\n")
         for png in sorted(RESULTS.glob(f"{path.stem}_*.png")):
-            out.append(f"![{png.stem}](bench/results/{png.name})\n")
+            out.append(f"![{png.stem}]({image_prefix}bench/results/{png.name})\n")
     return "\n".join(out)
 
 
-def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+def replace_between(path: Path, body: str) -> None:
+    text = path.read_text()
     if START not in text or END not in text:
-        raise SystemExit(f"README.md lacks the {START} / {END} markers")
+        raise SystemExit(f"{path} lacks the {START} / {END} markers")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{render()}\n{END}{tail}")
-    print("README results section updated")
+    path.write_text(f"{head}{START}\n{body}\n{END}{tail}")
+
+
+def main() -> None:
+    replace_between(ROOT / "docs" / "RESULTS.md", render())
+    replace_between(ROOT / "README.md", render(HEADLINE, image_prefix=""))
+    print("docs/RESULTS.md and the README's headline tables updated")
 
 
 if __name__ == "__main__":
