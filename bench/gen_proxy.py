@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, write_results  # noqa: I001  (bench/ is on sys.path)
+from common import RESULTS, merge_records, write_results  # noqa: I001  (bench/ is on sys.path)
 
+from artifacts import write_json_atomic
 from evaluation.generate import GenerationConfig, generate_completions
 from sources import load_model
 from sources.compute import autocast, compute_dtype
@@ -61,8 +62,7 @@ def teacher_completions(teacher: str, prompts: dict[str, str], max_new: int) -> 
     with autocast("cpu", compute_dtype("cpu")):
         recs = generate_completions(model, tok, prompts, cfg, progress=True)
     out = {r["task_id"]: r["completion"] for r in recs if r["completion"].strip()}
-    CACHE.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out))
+    write_json_atomic(path, out)  # a killed run never leaves a half-written cache entry
     return out
 
 
@@ -138,15 +138,16 @@ def main() -> None:
                "humaneval_passed": passed.get(name), "seconds": round(time.perf_counter() - t, 1)}
         print(rec)
         records.append(rec)
+    merged = records
     if args.merge and (RESULTS / f"{args.name}.json").is_file():
         old = json.loads((RESULTS / f"{args.name}.json").read_text())
         if (old["protocol"]["teacher"], old["protocol"]["n_prompts"], old["protocol"]["seed"]) != \
                 (args.teacher, args.n_prompts, args.seed):
             raise SystemExit(f"{args.name}.json was measured with another teacher or prompt set; not merged")
         new = {r["variant"] for r in records}
-        records = [r for r in old["records"] if r["variant"] not in new] + records
+        merged = [r for r in old["records"] if r["variant"] not in new] + records
     # the dense teacher itself would make any measure look predictive: correlate over compressed models only
-    scored = [r for r in records if r["humaneval_passed"] is not None and r["variant"] != "dense"]
+    scored = [r for r in merged if r["humaneval_passed"] is not None and r["variant"] != "dense"]
     corr = {}
     if len(scored) >= 3:
         he = [float(r["humaneval_passed"]) for r in scored]
@@ -154,7 +155,7 @@ def main() -> None:
             sign = -1.0 if key == "teacher_nll" else 1.0  # lower NLL should mean more passes
             corr[f"spearman_{key}_vs_humaneval"] = round(sign * spearman([r[key] for r in scored], he), 3)
         print(corr)
-    write_results(args.name, {"teacher": args.teacher, "n_prompts": args.n_prompts, "seed": args.seed,
+    protocol = {"teacher": args.teacher, "n_prompts": args.n_prompts, "seed": args.seed,
                               "max_new_tokens": args.max_new_tokens,
                               "prompts": "sources.instructions docstring prompts (installed packages; not stdlib, "
                                          "not HumanEval), signature + docstring as code",
@@ -162,7 +163,11 @@ def main() -> None:
                                              "dense teacher left out); the NLL's sign flipped so that +1 = the "
                                              "measure ranks candidates as HumanEval does",
                               "n_correlated": len(scored),
-                              **corr}, records)
+                              **corr}
+    if args.merge:
+        merge_records(args.name, records, protocol, key=("variant",))
+    else:
+        write_results(args.name, protocol, records)
 
 
 if __name__ == "__main__":

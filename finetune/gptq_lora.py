@@ -73,8 +73,7 @@ def base_cache_fits(model: nn.Module, dtype: torch.dtype, device: str, requested
     cls = quant_linear_type()
     if cls is None:
         return False
-    need = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, cls))
-    need *= torch.empty((), dtype=dtype).element_size()
+    need = dtype.itemsize * sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, cls))
     if torch.device(device).type == "cuda":
         free = torch.cuda.mem_get_info(torch.device(device))[0]
     else:

@@ -16,7 +16,7 @@ from quant.pack import pack_qweight, pack_qzeros, packed_len, unpack_qweight, un
 from quant.result import QuantizedWeight, n_groups
 
 
-def matmul_dtype(x: torch.Tensor) -> torch.Tensor:
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype ``F.linear(x, w)`` multiplies in: autocast's where it is on (a float32 residual stream under bf16
     autocast multiplies in bf16), else ``x``'s. The weight cache holds that dtype, so autocast does not cast a
     float32 copy of every weight at every call."""
