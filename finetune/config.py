@@ -97,6 +97,9 @@ class FinetuneConfig:
         if self.lora_init not in LORA_INITS:
             raise FinetuneError(f"lora_init={self.lora_init!r}; expected one of {LORA_INITS} ('eora' starts the "
                                 f"adapter from the base's quantization error).")
+        if self.cache_base not in (None, True, False):
+            raise FinetuneError(f"cache_base={self.cache_base!r}; expected true (keep one dequantized copy of each GPTQ "
+                                f"layer), false (dequantize at every call) or null (cache when it fits in memory).")
         if self.init_n_seqs < 1:
             raise FinetuneError(f"init_n_seqs={self.init_n_seqs}; expected >= 1 calibration windows for lora_init.")
         if self.scheduler not in SCHEDULERS:

@@ -276,6 +276,8 @@ def test_cached_gptq_base_trains_like_the_uncached_one():
     assert base_cache_fits(model, torch.bfloat16, "cpu") is True  # 6 KB of bf16 fits any machine
     assert base_cache_fits(model, torch.bfloat16, "cpu", requested=False) is False
     assert base_cache_fits(torch.nn.Linear(4, 4), torch.float32, "cpu", requested=True) is True
+    with pytest.raises(FinetuneError, match="cache_base='yes'"):
+        FinetuneConfig(cache_base="yes")  # e.g. `--set cache_base=yes`: one clear error, not a truthy string
 
 
 def test_isolated_run_reports_its_own_peak(tiny_dir, data_file, tmp_path):
